@@ -1,0 +1,1 @@
+"""``python -m bench``: memory and throughput of bonekern against PEFT and the plain linear layer."""

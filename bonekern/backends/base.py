@@ -1,0 +1,134 @@
+"""The contract every backend implements, and the description of one call that dispatch and tuning use.
+
+A backend sees 2-D tensors only (the public functions flatten x to (M, K)) and two op families:
+
+- "bone" family (variants bone and mini): block (r, C) with C | N acting as D[k, n] = block[k, n % C];
+- "bat": block (N // r, r, r).
+
+What autograd keeps between forward and backward is fixed here, the same for every backend: S (M, r) for the
+bone family, x for bat; never W' or any other weight-sized temporary. Weight gradients (rare: the weight is
+normally frozen) are computed by :mod:`bonekern.ops` with plain GEMMs, not by backends.
+
+Every function receives ``config``: a JSON-serialisable dict chosen by the dispatcher (from the autotuner or
+from :meth:`Backend.default_config`); a backend must accept every dict its :meth:`Backend.configs` yields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+Config = dict[str, Any]
+
+OPS: tuple[str, ...] = ("bone_forward", "bone_backward", "bat_forward", "bat_backward")
+"""The four tunable operations; the key under which dispatch, tuning and profiles find a config."""
+
+
+@dataclass(frozen=True)
+class OpProblem:
+    """What one call computes, as dispatch and tuning see it (no tensors, hashable).
+
+    Attributes:
+        op: one of :data:`OPS`.
+        m, n, k: tokens, out_features, in_features.
+        r: block size.
+        block_cols: C for the bone family (N for bone, mini_r for mini), r for bat.
+        dtype: x's dtype; block_dtype: the block's dtype.
+        device: the device the tensors live on.
+    """
+
+    op: str
+    m: int
+    n: int
+    k: int
+    r: int
+    block_cols: int
+    dtype: torch.dtype
+    block_dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def variant(self) -> str:
+        """The variant name for logs and keys: "bat", "bone" (C == N) or "mini"."""
+        if self.op.startswith("bat"):
+            return "bat"
+        return "bone" if self.block_cols == self.n else "mini"
+
+    @staticmethod
+    def from_tensors(op: str, m: int, weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> OpProblem:
+        n, k = weight.shape
+        r = block.shape[-1] if op.startswith("bat") else block.shape[0]
+        return OpProblem(op, m, n, k, r, block.shape[-1], dtype, block.dtype, weight.device)
+
+
+class Backend:
+    """Base class of the backends; see the module docstring for the contract.
+
+    Shapes: x (M, K), weight (N, K), bias (N,) or None, dy (M, N), S (M, r) in the delta dtype
+    (:func:`bonekern.validation.delta_dtype`). Outputs: y (M, N) in x's dtype; dx (M, K) in x's dtype; dblock in
+    the block's dtype. M >= 1 (zero tokens never reach a backend).
+    """
+
+    name: ClassVar[str] = ""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when this backend can run on ``device``, else one sentence that says why not."""
+        raise NotImplementedError
+
+    def default_config(self, problem: OpProblem) -> Config:
+        """The config used when nothing is tuned: a sensible choice for the problem and device."""
+        return {}
+
+    def configs(self, problem: OpProblem) -> list[Config]:
+        """Every candidate config the autotuner may time for ``problem`` (the default included)."""
+        return [self.default_config(problem)]
+
+    def bone_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        block: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: Config,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = x W^T + b + S D and S (M, r), the group sums kept for backward."""
+        raise NotImplementedError
+
+    def bone_backward(
+        self,
+        dy: torch.Tensor,
+        s: torch.Tensor,
+        weight: torch.Tensor,
+        block: torch.Tensor,
+        need_dx: bool,
+        need_dblock: bool,
+        config: Config,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """dx = dY W + (dY D^T)[:, k % r] and dblock = S^T dY folded to (r, C); None where not needed."""
+        raise NotImplementedError
+
+    def bat_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        block: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: Config,
+    ) -> torch.Tensor:
+        """y = x W'^T + b with W'_ij = W_ij (I + B_i) + B_i; W' must not outlive the call."""
+        raise NotImplementedError
+
+    def bat_backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        block: torch.Tensor,
+        need_dx: bool,
+        need_dblock: bool,
+        config: Config,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """dx = dY W' and dB_i = sum_j (W_ij + I)^T G_ij with G = dY^T x; None where not needed."""
+        raise NotImplementedError

@@ -1,0 +1,132 @@
+"""The public functions: :func:`bone_linear`, :func:`delta_weight`, :func:`merge`, :func:`unmerge`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.bonekern.*)
+from .backends import check_backend_name
+from .backends.pytorch import bat_weight
+from .dispatch import require_available
+from .validation import FLOAT_DTYPES, check_linear_args, check_weight_and_block, delta_dtype
+from .variants import AdapterSpec
+
+
+def _autocast(t, dtype: torch.dtype):
+    if isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def bone_linear(
+    x: Tensor,
+    weight: Tensor,
+    block: Tensor,
+    bias: Tensor | None = None,
+    *,
+    variant: str = "bone",
+    mini_r: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """A linear layer with a Bone adapter: ``F.linear(x, weight + delta_weight(weight, block), bias)``, fused.
+
+    Args:
+        x: (..., K) input; any leading dims, any strides (flattened to (M, K) as a view when the leading dims
+            allow it, else copied once).
+        weight: (N, K), frozen or trainable, x's dtype.
+        block: the trainable block: bone (r, N); mini (r, mini_r); bat (N // r, r, r). float32 (PEFT's
+            default, even for half-precision models) or any floating dtype.
+        bias: (N,) or None, x's dtype.
+        variant: "bone" (default), "bat" or "mini".
+        mini_r: for "mini" only; defaults to ``block.shape[1]``.
+        backend: "auto" (best available, tuned when the autotuner is on), "torch", "triton", "cupy" or
+            "reference".
+
+    Returns:
+        (..., N) in x's dtype. Differentiable with respect to x, block, bias, and weight when it requires grad.
+        Under ``torch.autocast``, x, weight and bias are cast to the autocast dtype; the block is not.
+
+    Semantics follow PEFT's MiSS layer: bone/mini zero-pad x to a multiple of r; adapter terms are computed in
+    float32 (float64 if x or block is float64) and the result is cast to x's dtype once.
+    """
+    if (
+        isinstance(x, Tensor)
+        and torch.amp.is_autocast_available(x.device.type)
+        and torch.is_autocast_enabled(x.device.type)
+    ):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
+    spec = check_linear_args(x, weight, block, bias, variant, mini_r)
+    check_backend_name(backend)
+    if backend != "auto" and x.device.type != "meta" and not torch.compiler.is_compiling():
+        require_available(backend, x.device)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, spec.in_features)
+    if spec.variant == "bat":
+        y = torch.ops.bonekern.bat_forward(x2d, weight, block, bias, backend)
+    else:
+        y, _ = torch.ops.bonekern.bone_forward(x2d, weight, block, bias, backend)
+    return y.reshape(*lead, spec.out_features)
+
+
+def _delta_in_compute_dtype(weight: Tensor, block: Tensor, spec: AdapterSpec) -> Tensor:
+    dtype = delta_dtype(weight.dtype, block.dtype)
+    if spec.variant == "bat":
+        return bat_weight(weight, block, dtype, chunk_blocks=max(1, 4096 // spec.r)) - weight.to(dtype)
+    d_full = block.to(dtype).repeat(1, spec.out_features // spec.block_cols)  # (r, N), tiny
+    return d_full.t().repeat(1, spec.groups)[:, : spec.in_features]  # dW[n, k] = D[k % r, n]
+
+
+@torch.no_grad()
+def delta_weight(weight: Tensor, block: Tensor, *, variant: str = "bone", mini_r: int | None = None) -> Tensor:
+    """dW (N, K) in the weight's dtype such that ``bone_linear(x, W, block, b) == F.linear(x, W + dW, b)``.
+
+    bone/mini: dW[n, k] = D[k % r, n]; bat: dW_ij = W_ij B_i + B_i. Computed in float32 (float64 for
+    float64 inputs) and rounded once. Not differentiable (for merging, not training).
+    """
+    spec = check_weight_and_block(weight, block, variant, mini_r)
+    return _delta_in_compute_dtype(weight, block, spec).to(weight.dtype)
+
+
+@torch.no_grad()
+def merge(weight: Tensor, block: Tensor, *, variant: str = "bone", mini_r: int | None = None) -> Tensor:
+    """A new tensor W + dW (N, K) in the weight's dtype: the weight with the adapter folded in."""
+    spec = check_weight_and_block(weight, block, variant, mini_r)
+    dtype = delta_dtype(weight.dtype, block.dtype)
+    if spec.variant == "bat":
+        return bat_weight(weight, block, dtype, chunk_blocks=max(1, 4096 // spec.r)).to(weight.dtype)
+    return (weight.to(dtype) + _delta_in_compute_dtype(weight, block, spec)).to(weight.dtype)
+
+
+@torch.no_grad()
+def unmerge(merged_weight: Tensor, block: Tensor, *, variant: str = "bone", mini_r: int | None = None) -> Tensor:
+    """A new tensor: the base weight recovered from ``merge(weight, block)``, in the merged weight's dtype.
+
+    bone/mini subtract dW exactly. bat computes W_ij = (W'_ij - B_i)(I + B_i)^{-1} with the inverse in float32
+    (float64 for float64 inputs); it raises ValueError when some I + B_i is singular.
+    """
+    spec = check_weight_and_block(merged_weight, block, variant, mini_r)
+    dtype = delta_dtype(merged_weight.dtype, block.dtype)
+    if spec.variant != "bat":
+        return (merged_weight.to(dtype) - _delta_in_compute_dtype(merged_weight, block, spec)).to(merged_weight.dtype)
+    r = spec.r
+    n, k = merged_weight.shape
+    eye_plus_b = block.to(dtype) + torch.eye(r, dtype=dtype, device=block.device)
+    inverse, info = torch.linalg.inv_ex(eye_plus_b)
+    singular = torch.nonzero(info).flatten().tolist()
+    if singular:
+        raise ValueError(
+            f"block: I + B_i is singular for out-block(s) {singular[:8]}; a bat merge with this block cannot be undone"
+        )
+    out = torch.empty_like(merged_weight)
+    step = max(1, 4096 // r)
+    blocks = n // r
+    wm = merged_weight.contiguous()
+    for i0 in range(0, blocks, step):
+        i1 = min(blocks, i0 + step)
+        # rows (p, j) x columns s view of the merged rows, as in bonekern.backends.pytorch
+        rows = wm[i0 * r : i1 * r].view(i1 - i0, r, k // r, r).to(dtype) - block[i0:i1, :, None, :].to(dtype)
+        w = torch.bmm(rows.view(i1 - i0, k, r), inverse[i0:i1])
+        out[i0 * r : i1 * r] = w.view(-1, k).to(merged_weight.dtype)
+    return out

@@ -1,0 +1,78 @@
+"""Argument checks shared by every public entry point; each error names the argument, the expectation and
+what was given. The shape rules themselves live in :mod:`bonekern.variants`."""
+
+from __future__ import annotations
+
+import torch
+
+from .variants import AdapterSpec, spec_from_block
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes bonekern computes with: x, weight, bias and block must each have one of these."""
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); got {value.dtype}")
+    return value
+
+
+def delta_dtype(x_dtype: torch.dtype, block_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter terms (S, S @ D, W') are computed in: float32, or float64 if either input is."""
+    if torch.float64 in (x_dtype, block_dtype):
+        return torch.float64
+    return torch.float32
+
+
+def check_weight_and_block(weight: torch.Tensor, block: torch.Tensor, variant: str, mini_r: int | None) -> AdapterSpec:
+    """Validate a (weight, block) pair for ``variant`` and return its spec."""
+    _check_tensor("weight", weight)
+    _check_tensor("block", block)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}")
+    if block.device != weight.device:
+        raise ValueError(f"block must be on the same device as weight ({weight.device}); got block on {block.device}")
+    return spec_from_block(variant, tuple(weight.shape), tuple(block.shape), mini_r)
+
+
+def check_linear_args(
+    x: object,
+    weight: object,
+    block: object,
+    bias: object,
+    variant: str,
+    mini_r: int | None,
+) -> AdapterSpec:
+    """Validate the arguments of :func:`bonekern.bone_linear` and return the adapter's spec.
+
+    Rules: x is (..., K) with at least one dimension; weight is (N, K) with x's dtype; bias, if given, is
+    (N,) with x's dtype; block fits the variant (see :mod:`bonekern.variants`) and may be float32 or any other
+    floating dtype; all tensors live on one device. Zero tokens (x.numel() == 0 with K > 0) are valid.
+    """
+    x = _check_tensor("x", x)
+    weight = _check_tensor("weight", weight)
+    block = _check_tensor("block", block)
+    spec = check_weight_and_block(weight, block, variant, mini_r)
+    n, k = weight.shape
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., in_features) with in_features = {k}; got a 0-d tensor")
+    if x.shape[-1] != k:
+        raise ValueError(f"x.shape[-1] must equal in_features = weight.shape[1] = {k}; got x of shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x must be on the same device as weight ({weight.device}); got x on {x.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight must have x's dtype ({x.dtype}); got weight of dtype {weight.dtype} "
+            "(cast one of them, or run under torch.autocast)"
+        )
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape (out_features,) = ({n},); got {tuple(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias must be on the same device as weight ({weight.device}); got bias on {bias.device}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype ({x.dtype}); got bias of dtype {bias.dtype}")
+    return spec
