@@ -5,32 +5,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_close_to_reference, make_problem, reference_outputs
+from support import assert_close_to_reference, backend_or_skip, make_problem, reference_outputs
 from torch import nn
 
 import bonekern
 from bonekern import BoneLinear, bone_linear
+from bonekern.backends import BACKEND_NAMES
 
 VARIANT_ARGS = {"bone": {}, "mini": {"mini_r": 4}, "bat": {}}
 
 
 @pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
-def test_opcheck(variant):
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_opcheck(backend, variant):
+    backend_or_skip(backend)
     p = make_problem(variant, (6,), 16, 16, 4, mini_r=VARIANT_ARGS[variant].get("mini_r"))
     block = p.block.clone().requires_grad_()
     x = p.x.clone().requires_grad_()
     if variant == "bat":
-        torch.library.opcheck(torch.ops.bonekern.bat_forward, (x, p.weight, block, p.bias, "torch"))
+        torch.library.opcheck(torch.ops.bonekern.bat_forward, (x, p.weight, block, p.bias, backend))
         torch.library.opcheck(
             torch.ops.bonekern.bat_backward,
-            (p.dy.reshape(6, 16), p.x, p.weight, p.block, True, True, "torch"),
+            (p.dy.reshape(6, 16), p.x, p.weight, p.block, True, True, backend),
         )
     else:
-        torch.library.opcheck(torch.ops.bonekern.bone_forward, (x, p.weight, block, p.bias, "torch"))
+        torch.library.opcheck(torch.ops.bonekern.bone_forward, (x, p.weight, block, p.bias, backend))
         s = torch.randn(6, 4)
         torch.library.opcheck(
             torch.ops.bonekern.bone_backward,
-            (p.dy.reshape(6, 16), s, p.weight, p.block, True, False, "torch"),
+            (p.dy.reshape(6, 16), s, p.weight, p.block, True, False, backend),
         )
 
 

@@ -11,7 +11,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import ALL_BACKENDS, backend_or_skip, check_against_reference, make_problem
+from support import (
+    ALL_BACKENDS,
+    assert_close_to_reference,
+    backend_or_skip,
+    check_against_reference,
+    make_problem,
+    reference_outputs,
+)
 
 EXAMPLES = {"torch": 60, "reference": 25, "triton": 12, "cupy": 15}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -105,3 +112,38 @@ def test_weight_gradient(backend, variant):
     backend_or_skip(backend)
     p = make_problem(variant, (5, 3), 16, 24 if variant == "bat" else 22, 8, mini_r=4 if variant == "mini" else None)
     check_against_reference(p, backend, need_weight_grad=True)
+
+
+@pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+def test_gradient_layouts(backend, variant, layout):
+    """Backward must accept whatever layout autograd hands over: y.sum() gives a zero-stride expanded dy, and
+    a transposed consumer gives a column-major dy."""
+    from bonekern import bone_linear
+
+    backend_or_skip(backend)
+    p = make_problem(
+        variant,
+        (6, 3),
+        16,
+        16,
+        4,
+        mini_r=8 if variant == "mini" else None,
+        dtype=torch.float64,
+        block_dtype=torch.float64,
+    )
+    x = p.x.detach().requires_grad_()
+    block = p.block.detach().requires_grad_()
+    y = bone_linear(x, p.weight, block, p.bias, variant=variant, mini_r=p.mini_r, backend=backend)
+    if layout == "expanded":
+        dy = torch.ones((), dtype=torch.float64).expand(6, 3, 16)  # what y.sum().backward() passes
+        y.sum().backward()
+    else:
+        dy = torch.randn(16, 18, dtype=torch.float64).t().reshape(6, 3, 16)
+        assert not dy.is_contiguous()
+        y.backward(dy)
+    p.dy = dy
+    want = reference_outputs(p)
+    assert_close_to_reference(x.grad, want["dx"], torch.float64, f"{backend}/{layout}/dx", backend)
+    assert_close_to_reference(block.grad, want["dblock"], torch.float64, f"{backend}/{layout}/dblock", backend)

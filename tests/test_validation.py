@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import backend_or_skip
 
 import bonekern
 from bonekern import BackendUnavailableError, BoneLinear, bone_linear, delta_weight, merge, unmerge
+from bonekern.backends import BACKEND_NAMES
 
 N, K, R = 16, 12, 4
 
@@ -105,9 +107,11 @@ def test_unavailable_backend_says_why(backend):
         call(**args(backend=backend))
 
 
-def test_zero_tokens_is_valid():
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_zero_tokens_is_valid(backend):
+    backend_or_skip(backend)
     for variant in ("bone", "mini", "bat"):
-        kw = args(variant, x=torch.randn(0, 2, K, requires_grad=True))
+        kw = args(variant, x=torch.randn(0, 2, K, requires_grad=True), backend=backend)
         kw["block"].requires_grad_()
         y = call(**kw)
         assert y.shape == (0, 2, N)
@@ -117,8 +121,9 @@ def test_zero_tokens_is_valid():
 
 
 @pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_nan_and_inf_propagate(variant, backend):
+    backend_or_skip(backend)
     kw = args(variant, backend=backend)
     kw["x"][1, 3] = float("nan")
     kw["x"][2, 0] = float("inf")
