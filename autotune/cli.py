@@ -25,6 +25,7 @@ from .keys import profile_name
 from .presets import MODELS, LayerShape, find_model, layer_shapes
 from .provider import DEFAULT_PROVIDER, Provider, load_provider
 from .store import Table, atomic_write_text, dump_table, parse_table, read_table
+from .timing import CpuTimer
 
 
 class Progress:
@@ -113,6 +114,9 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     for note in notes:
         err.write(f"note: {note}\n")
     cache = tuner.cache(settings)
+    timer = None
+    if args.repeats is not None and not device.startswith("cuda"):
+        timer = CpuTimer(min_repeats=min(3, args.repeats), max_repeats=args.repeats)
     total = sum(len(j.space.candidate_list()) for j in jobs)
     progress = Progress(total, err)
     rows = []
@@ -132,6 +136,7 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
                 job.make_runner(),
                 settings,
                 progress=lambda i, n, c, label=space.label: progress.step(f"{label}: {c.describe()}"),
+                timer=timer,
             )
             entry = decision.entry
             status = "tuned" if entry is not None else "all failed"
@@ -274,6 +279,7 @@ def build_parser(provider_hook: Provider | None = None) -> argparse.ArgumentPars
     tune.add_argument("--dtype", nargs="+", help="dtypes (default: bfloat16 on a GPU, float32 on the CPU)")
     tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     tune.add_argument("--force", action="store_true", help="retune problems already in the cache")
+    tune.add_argument("--repeats", type=int, help="at most this many timed runs per candidate on the CPU (default 15)")
     if provider_hook is not None:
         provider_hook.add_tune_arguments(tune)
 

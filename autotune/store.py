@@ -152,7 +152,7 @@ def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Tabl
     """Read a profile (a path or a package resource); a missing file is an empty table, a bad one warns."""
     try:
         text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return Table()
     except (OSError, UnicodeDecodeError) as exc:
         warn(f"cannot read {what} {source}: {exc}; ignoring it")
@@ -214,7 +214,7 @@ class CacheFile:
         assert self.path is not None
         try:
             text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not written yet (a write will say if it cannot be)
             return Table()
         except (OSError, UnicodeDecodeError) as exc:
             self._warn_once("read", f"autotune cache {self.path} cannot be read ({exc}); ignoring it")

@@ -282,16 +282,18 @@ class Tuner:
         runner: Runner,
         settings: Settings | None = None,
         progress: Callable[[int, int, Candidate], None] | None = None,
+        timer: Timer | None = None,
     ) -> Decision:
         """Time every candidate now, store the winner (and each backend's best) in the user cache, return it.
 
-        ``progress(i, n, candidate)`` is called before each candidate. If every candidate fails, nothing is
-        stored and the default is returned (with one warning naming the errors).
+        ``progress(i, n, candidate)`` is called before each candidate is timed; ``timer`` overrides the tuner's.
+        If every candidate fails, nothing is stored and the default is returned (with one warning naming the
+        errors).
         """
         settings = settings or self.settings()
         with self._lock:
             candidates = space.candidate_list()
-            timer = self.timer or timer_for(space.key.device_type, space.device)
+            timer = timer or self.timer or timer_for(space.key.device_type, space.device)
             timings = self._measure(space, candidates, runner, timer, progress)
             good = [t for t in timings if t.ms is not None]
             if not good:
