@@ -164,9 +164,17 @@ def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Tabl
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one."""
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one.
+
+    The file keeps its permissions when it exists; a new one is readable by all (0644), like a plain ``open``.
+    """
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -3,6 +3,8 @@ how tuning drops candidates that fail or disagree. Generic package only, with a 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from autotune import CacheFile, Candidate, Entry, SearchSpace, Table, Timing, Tuner, TuningKey, bucket_m
@@ -163,6 +165,15 @@ def test_forced_retune_ignores_hits(env, monkeypatch):
     monkeypatch.setenv(f"{PREFIX}_AUTOTUNE", "lookup")
     d = Tuner("attest", PREFIX, timer=timer).choose(make_space(256), runner)
     assert (d.layer, d.candidate.config["size"]) == ("user cache", 16)
+
+
+def test_cache_location_follows_the_environment(env, monkeypatch):
+    assert Tuner("attest", PREFIX).settings().cache_path == env / "cache" / "autotune.json"
+    monkeypatch.delenv(f"{PREFIX}_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(env / "xdg"))
+    expected = env / "xdg" / "attest" / "autotune.json" if sys.platform.startswith("linux") else None
+    if expected is not None:
+        assert Tuner("attest", PREFIX).settings().cache_path == expected
 
 
 def test_bad_switch_value_names_the_variable(env, monkeypatch):
