@@ -279,7 +279,7 @@ def build_parser(provider_hook: Provider | None = None) -> argparse.ArgumentPars
     tune.add_argument("--dtype", nargs="+", help="dtypes (default: bfloat16 on a GPU, float32 on the CPU)")
     tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     tune.add_argument("--force", action="store_true", help="retune problems already in the cache")
-    tune.add_argument("--repeats", type=int, help="at most this many timed runs per candidate on the CPU (default 15)")
+    tune.add_argument("--repeats", type=int, help="at most this many timed runs per candidate on the CPU (default 10)")
     if provider_hook is not None:
         provider_hook.add_tune_arguments(tune)
 

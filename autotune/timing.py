@@ -33,15 +33,16 @@ class CpuTimer:
     ``warmup_s``), then at least ``min_repeats`` and at most ``max_repeats`` timed ones, stopping once
     ``budget_s`` has passed; the tuner takes the median.
 
-    A candidate whose first timed call is over ``give_up_factor`` times the best median so far is not repeated.
+    A candidate whose first two timed calls are both over ``give_up_factor`` times the best median so far is not
+    timed further (one slow call may be noise; two in a row on a clearly slower candidate save its budget).
     """
 
     def __init__(
         self,
-        warmup_s: float = 0.05,
+        warmup_s: float = 0.02,
         min_repeats: int = 3,
-        max_repeats: int = 15,
-        budget_s: float = 1.0,
+        max_repeats: int = 10,
+        budget_s: float = 0.25,
         give_up_factor: float = 3.0,
     ):
         self.warmup_s = warmup_s
@@ -61,7 +62,7 @@ class CpuTimer:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-            if best_ms is not None and len(samples) == 1 and samples[0] > self.give_up_factor * best_ms:
+            if best_ms is not None and len(samples) == 2 and min(samples) > self.give_up_factor * best_ms:
                 break
             if len(samples) >= self.min_repeats and time.perf_counter() - start > self.budget_s:
                 break

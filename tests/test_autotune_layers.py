@@ -180,3 +180,16 @@ def test_bad_switch_value_names_the_variable(env, monkeypatch):
     monkeypatch.setenv(f"{PREFIX}_AUTOTUNE", "sometimes")
     with pytest.raises(ValueError, match=f"{PREFIX}_AUTOTUNE must be one of"):
         Tuner("attest", PREFIX).choose(make_space(256), runner)
+
+
+def test_cpu_timer_takes_several_samples_and_gives_up_on_clearly_slow_candidates():
+    import time
+
+    from autotune import CpuTimer
+
+    timer = CpuTimer(warmup_s=0.0, min_repeats=3, max_repeats=5, budget_s=10.0)
+    calls = []
+    samples = timer.measure(DEFAULT, lambda: (calls.append(1), time.sleep(0.002)), None)
+    assert len(samples) == 5 and len(calls) == 6 and min(samples) >= 2.0  # one warm-up call, then 5 timed
+    slow = timer.measure(DEFAULT, lambda: time.sleep(0.004), best_ms=0.5)
+    assert len(slow) == 2 and min(slow) >= 4.0
