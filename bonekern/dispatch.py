@@ -1,22 +1,31 @@
 """Which backend and config run one call.
 
-``backend="auto"`` takes the first available backend in :data:`AUTO_ORDER` for the device type; a named backend
-must be available or the call fails with :class:`BackendUnavailableError` saying why. The config is the
-backend's default for the problem.
+``backend="auto"`` may use every available backend in :data:`AUTO_ORDER` for the device type; a named backend
+must be available or the call fails with :class:`BackendUnavailableError` saying why. Among those, the
+autotuner (:mod:`bonekern.tuning`) picks the backend and config: from a profile, the user cache, a shipped
+profile, by timing the candidates on the call's real tensors, or -- when nothing is tuned or
+``BONEKERN_AUTOTUNE=0`` -- the first backend's ``default_config(problem)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
+from . import tuning
 from .backends import Backend, Config, OpProblem, check_backend_name, get_backend
 from .errors import BackendUnavailableError
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cupy", "torch"),
 }
-"""Preference of ``backend="auto"`` per device type; any other device type uses the torch backend.
-On the CPU the Triton interpreter and the CuPy host shim are test tools, never picked automatically."""
+"""Backends ``backend="auto"`` may use per device type, the default first."""
+
+DEFAULT_ORDER: tuple[str, ...] = ("torch",)
+"""Any other device type (the CPU included) uses the torch backend: on the CPU the Triton interpreter and the
+CuPy host shim are test tools, never picked automatically."""
 
 
 def require_available(name: str, device: torch.device) -> Backend:
@@ -29,15 +38,19 @@ def require_available(name: str, device: torch.device) -> Backend:
 
 
 def auto_candidates(device: torch.device) -> list[Backend]:
-    """The backends ``backend="auto"`` may choose from on ``device``, most preferred first."""
-    order = AUTO_ORDER.get(device.type, ("torch",))
+    """The backends ``backend="auto"`` may choose from on ``device``, the default first."""
+    order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
     return [b for b in map(get_backend, order) if b.unavailable_reason(device) is None]
 
 
-def select(problem: OpProblem, requested: str) -> tuple[Backend, Config]:
-    """The backend and config for ``problem``; ``requested`` is "auto" or a backend name."""
+def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None) -> tuple[Backend, Config]:
+    """The backend and config for ``problem``; ``requested`` is "auto" or a backend name.
+
+    ``args`` are the call's tensors (and flags) as the backend method takes them, without the config; with them
+    the tuner can time candidates on the real inputs when nothing is tuned yet.
+    """
     if requested == "auto":
-        backend = auto_candidates(problem.device)[0]
+        backends = auto_candidates(problem.device)
     else:
-        backend = require_available(requested, problem.device)
-    return backend, backend.default_config(problem)
+        backends = [require_available(requested, problem.device)]
+    return tuning.choose(problem, requested, backends, args)

@@ -40,7 +40,7 @@ def _none_to_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 def _run(op: str, backend_name: str, m: int, weight: Tensor, block: Tensor, dtype: torch.dtype, *args):
     problem = OpProblem.from_tensors(op, m, weight, block, dtype)
-    backend, config = dispatch.select(problem, backend_name)
+    backend, config = dispatch.select(problem, backend_name, args)
     with nvtx_range(f"bonekern.{op}[{backend.name}]"):
         return getattr(backend, op)(*args, config)
 

@@ -1,0 +1,79 @@
+"""Linear-layer shapes of popular models, for ``python -m autotune tune --model``.
+
+Each preset is the attention and MLP projections of one decoder layer, written as (N = out_features,
+K = in_features) like ``nn.Linear.weight``, derived from the model's HuggingFace ``config.json``:
+q (heads * head_dim, hidden), k and v (kv_heads * head_dim, hidden), o (hidden, heads * head_dim),
+gate and up (intermediate, hidden), down (hidden, intermediate); head_dim = hidden / heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``config.json`` fields that fix a decoder layer's projection shapes."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+MODELS: dict[str, ModelConfig] = {
+    # meta-llama/Llama-2-7b-hf: hidden 4096, intermediate 11008, 32 heads, no GQA
+    "Llama-2-7B": ModelConfig(4096, 11008, 32, 32),
+    # meta-llama/Llama-2-13b-hf: hidden 5120, intermediate 13824, 40 heads, no GQA
+    "Llama-2-13B": ModelConfig(5120, 13824, 40, 40),
+    # meta-llama/Meta-Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 KV heads
+    "Llama-3-8B": ModelConfig(4096, 14336, 32, 8),
+    # Qwen/Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads, 4 KV heads (head_dim 128)
+    "Qwen2.5-7B": ModelConfig(3584, 18944, 28, 4),
+}
+
+LAYERS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One linear layer to tune: where it comes from, and its weight shape (N, K)."""
+
+    source: str
+    layer: str
+    n: int
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}.{self.layer}"
+
+
+def layer_shapes(model: str) -> list[LayerShape]:
+    """The q, k, v, o, gate, up, down shapes of ``model`` (a key of :data:`MODELS`, case-insensitive)."""
+    name = find_model(model)
+    c = MODELS[name]
+    q_out = c.num_attention_heads * c.head_dim
+    kv_out = c.num_key_value_heads * c.head_dim
+    shapes = {
+        "q": (q_out, c.hidden_size),
+        "k": (kv_out, c.hidden_size),
+        "v": (kv_out, c.hidden_size),
+        "o": (c.hidden_size, q_out),
+        "gate": (c.intermediate_size, c.hidden_size),
+        "up": (c.intermediate_size, c.hidden_size),
+        "down": (c.hidden_size, c.intermediate_size),
+    }
+    return [LayerShape(name, layer, *shapes[layer]) for layer in LAYERS]
+
+
+def find_model(model: str) -> str:
+    """The canonical preset name for ``model`` (case-insensitive); ValueError listing the presets otherwise."""
+    for name in MODELS:
+        if name.lower() == model.lower():
+            return name
+    raise ValueError(f"model preset must be one of {list(MODELS)}; got {model!r}")

@@ -1,0 +1,281 @@
+"""Tables of tuned entries, the JSON file format, and the persistent cache file.
+
+File format (cache files and profiles alike)::
+
+    {"schema": "autotune/1", "kind": "cache" | "profile", "entries": [<Entry.to_json()>, ...], ...}
+
+The cache file is written atomically (a temporary file in the same directory, then ``os.replace``) while a
+file lock (``filelock``, a dependency of torch) is held, after merging with what is on disk, so concurrent
+processes and ranks never corrupt it nor lose each other's entries. Readers take no lock: they always see a
+whole file. A file that is empty, truncated, not JSON or of another schema is ignored with one warning and
+replaced on the next write; a directory that cannot be created or written makes the cache memory-only for the
+process, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .entries import Entry
+from .keys import TuningKey, nearest_bucket
+from .log import AutotuneWarning
+
+SCHEMA = "autotune/1"
+"""The ``schema`` value of every file this version reads and writes."""
+
+LOCK_TIMEOUT_S = 60.0
+"""How long a writer waits for another process's lock before giving up (and keeping its results in memory)."""
+
+
+class Readable(Protocol):
+    """A path or an ``importlib.resources`` Traversable."""
+
+    def read_text(self, encoding: str = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A lookup result: the entry, and the bucket it was tuned for (== the key's bucket when ``exact``)."""
+
+    entry: Entry
+    exact: bool
+
+
+class Table:
+    """Entries indexed for lookup; one entry per :attr:`TuningKey.entry_id` (the last one added wins)."""
+
+    def __init__(self, entries: Iterable[Entry] = ()):
+        self._by_id: dict[str, Entry] = {}
+        self._by_problem: dict[str, dict[str, Entry]] = defaultdict(dict)
+        for e in entries:
+            self.add(e)
+
+    def add(self, entry: Entry) -> None:
+        eid = entry.key.entry_id
+        self._by_id[eid] = entry
+        self._by_problem[entry.key.problem_id][eid] = entry
+
+    def entries(self) -> list[Entry]:
+        return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def merged(self, newer: Iterable[Entry]) -> Table:
+        """A copy with ``newer`` added on top (same id: ``newer`` wins)."""
+        out = Table(self._by_id.values())
+        for e in newer:
+            out.add(e)
+        return out
+
+    def without(self, drop: Callable[[Entry], bool]) -> Table:
+        return Table(e for e in self._by_id.values() if not drop(e))
+
+    def lookup(self, key: TuningKey, *, match_versions: bool, between_only: bool) -> Hit | None:
+        """The entry for ``key``'s problem and source hash, at its M bucket or the nearest tuned one.
+
+        Args:
+            match_versions: also require the library versions to match (the user cache); profiles leave it
+                False (a tile size tuned under triton 3.6 is still good advice under 3.7) and then prefer an
+                entry with matching versions when there are several for one bucket.
+            between_only: use a nearest bucket only when M lies between the smallest and largest tuned
+                buckets; outside that range there is no hit (the caller may tune instead).
+        """
+        group = self._by_problem.get(key.problem_id)
+        if not group:
+            return None
+        by_bucket: dict[int, Entry] = {}
+        for e in group.values():
+            if e.key.source != key.source:
+                continue
+            same_versions = e.key.versions == key.versions
+            if match_versions and not same_versions:
+                continue
+            best = by_bucket.get(e.key.m)
+            rank = (same_versions, e.tuned_at)
+            if best is None or rank > (best.key.versions == key.versions, best.tuned_at):
+                by_bucket[e.key.m] = e
+        if not by_bucket:
+            return None
+        if key.m in by_bucket:
+            return Hit(by_bucket[key.m], exact=True)
+        if between_only and not (min(by_bucket) < key.m < max(by_bucket)):
+            return None
+        return Hit(by_bucket[nearest_bucket(key.m, by_bucket)], exact=False)
+
+
+def parse_table(text: str) -> tuple[Table, str | None]:
+    """Parse a cache or profile file. Returns the table and, when something was wrong, what (else None).
+
+    An empty, truncated, non-JSON or foreign-schema file gives an empty table; malformed entries in an
+    otherwise good file are skipped and counted.
+    """
+    if not text.strip():
+        return Table(), "the file is empty"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Table(), f"it is not valid JSON (corrupt or truncated: {exc})"
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        return Table(), f"its schema is {found!r}, not {SCHEMA!r}"
+    raw = data.get("entries")
+    if not isinstance(raw, list):
+        return Table(), "its 'entries' is not a list"
+    table = Table()
+    bad = 0
+    for item in raw:
+        try:
+            table.add(Entry.from_json(item))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            bad += 1
+    return table, (f"{bad} malformed entries were skipped" if bad else None)
+
+
+def dump_table(table: Table, kind: str, **meta: Any) -> str:
+    """The JSON text of a file holding ``table`` (entries sorted, so files diff well)."""
+    entries = sorted(table.entries(), key=lambda e: e.key.entry_id)
+    doc = {"schema": SCHEMA, "kind": kind, **meta, "entries": [e.to_json() for e in entries]}
+    return json.dumps(doc, indent=1, sort_keys=False) + "\n"
+
+
+def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Table:
+    """Read a profile (a path or a package resource); a missing file is an empty table, a bad one warns."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return Table()
+    except (OSError, UnicodeDecodeError) as exc:
+        warn(f"cannot read {what} {source}: {exc}; ignoring it")
+        return Table()
+    table, problem = parse_table(text)
+    if problem:
+        warn(f"{what} {source}: {problem}; ignoring {'those' if len(table) else 'it'}")
+    return table
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one.
+
+    The file keeps its permissions when it exists; a new one is readable by all (0644), like a plain ``open``.
+    """
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class CacheFile:
+    """The user cache: a :class:`Table` backed by one JSON file, merged on every write.
+
+    ``path`` None means memory-only from the start (``why_memory`` says why, warned once on first use).
+    """
+
+    def __init__(self, path: Path | None, why_memory: str | None = None):
+        self.path = path
+        self._memory_reason = why_memory if path is None else None
+        self._table: Table | None = None
+        self._warned: set[str] = set()
+
+    # -- reporting ---------------------------------------------------------------------------------------
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, AutotuneWarning, stacklevel=4)
+
+    @property
+    def memory_only(self) -> bool:
+        return self._memory_reason is not None
+
+    def describe(self) -> str:
+        return "memory (no writable cache directory)" if self.memory_only else str(self.path)
+
+    def _fall_back_to_memory(self, reason: str) -> None:
+        self._memory_reason = reason
+        self._warn_once("memory", f"autotune cache: {reason}; tuned results are kept in memory for this process only")
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def _read_disk(self) -> Table:
+        assert self.path is not None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):  # not written yet (a write will say if it cannot be)
+            return Table()
+        except (OSError, UnicodeDecodeError) as exc:
+            self._warn_once("read", f"autotune cache {self.path} cannot be read ({exc}); ignoring it")
+            return Table()
+        table, problem = parse_table(text)
+        if problem:
+            self._warn_once("corrupt", f"autotune cache {self.path}: {problem}; ignoring it, it will be rewritten")
+        return table
+
+    def table(self) -> Table:
+        """The entries: read from disk on first use, then kept (and refreshed on each write)."""
+        if self._table is None:
+            if self._memory_reason is not None and self.path is None:
+                self._warn_once("memory", f"autotune cache: {self._memory_reason}; tuned results are kept in memory")
+            self._table = Table() if self.path is None else self._read_disk()
+        return self._table
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def _locked_update(self, update: Callable[[Table], Table]) -> Table | None:
+        """Under the lock: read the file, apply ``update``, write it atomically. None if the file is unusable."""
+        if self.memory_only or self.path is None:
+            return None
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{self.path}.lock", timeout=LOCK_TIMEOUT_S):
+                table = update(self._read_disk())
+                atomic_write_text(self.path, dump_table(table, "cache"))
+            return table
+        except Timeout:
+            self._fall_back_to_memory(f"another process held {self.path}.lock for over {LOCK_TIMEOUT_S:.0f} s")
+        except OSError as exc:
+            self._fall_back_to_memory(f"cannot write {self.path} ({exc.strerror or exc})")
+        return None
+
+    def put(self, entries: Iterable[Entry]) -> None:
+        """Add ``entries`` (replacing same-key ones) and persist them, keeping every other process's entries."""
+        entries = list(entries)
+        merged = self._locked_update(lambda disk: disk.merged(entries))
+        self._table = merged if merged is not None else self.table().merged(entries)
+
+    def remove(self, drop: Callable[[Entry], bool]) -> int:
+        """Delete the entries for which ``drop`` is true (on disk and in memory); returns how many went."""
+        removed = 0
+
+        def update(table: Table) -> Table:
+            nonlocal removed
+            kept = table.without(drop)
+            removed = len(table) - len(kept)
+            return kept
+
+        on_disk = self._locked_update(update)
+        self._table = on_disk if on_disk is not None else update(self.table())
+        return removed
