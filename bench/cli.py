@@ -7,7 +7,9 @@ arguments; 3 when an implementation failed or its outputs did not match PEFT's (
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,9 @@ DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
     "float64": torch.float64,
 }
+
+DEFAULT_DTYPE: dict[str, torch.dtype] = {"cpu": torch.float32, "cuda": torch.bfloat16}
+"""The layer dtype when neither --dtype nor the suite names one: what fine-tuning runs in on each device."""
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -73,13 +78,13 @@ def _shape(text: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    suites = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Time and memory of bonekern's backends against PEFT's MiSS layer, PEFT LoRA with the same "
         "number of trainable parameters, and the frozen linear layer alone.",
     )
-    p.add_argument("--suite", choices=tuple(SUITES), default="quick", help=f"preset (default quick). {suites}")
+    p.add_argument("--suite", choices=tuple(SUITES), default="quick", help="preset (default quick); see --list")
+    p.add_argument("--list", action="store_true", help="print every suite's description and shapes, then exit")
     p.add_argument("--shape", type=_shape, action="append", help="custom KxN or KxN+bias (replaces the suite's)")
     p.add_argument("--variants", type=_names("--variants", VARIANTS), help=f"comma-separated from {VARIANTS}")
     p.add_argument(
@@ -87,14 +92,22 @@ def parser() -> argparse.ArgumentParser:
         type=_names("--impls", IMPL_NAMES),
         help=f"comma-separated from {IMPL_NAMES} (default: {','.join(DEFAULT_IMPLS)})",
     )
-    p.add_argument("--dtype", type=_dtype, help="layer dtype (default float32); adapters stay float32 as in PEFT")
+    p.add_argument(
+        "--dtype",
+        type=_dtype,
+        help="layer dtype (default: float32 on CPU, bfloat16 on CUDA); adapters stay float32 as in PEFT",
+    )
     p.add_argument("--tokens", type=_positive(int), help="M, rows of x (default: the suite's, per device)")
     p.add_argument("--r", type=_positive(int), help="block size r (default 64)")
     p.add_argument("--mini-r", type=_positive(int), help="mini's block columns (default r)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--budget", type=_positive(float), default=0.5, help="seconds of timed calls per measurement")
-    p.add_argument("--min-repeats", type=_positive(int), default=5, help="fewest timed calls per measurement")
+    p.add_argument(
+        "--budget", type=_positive(float), default=0.5, help="seconds of timed calls per measurement (default 0.5)"
+    )
+    p.add_argument(
+        "--min-repeats", type=_positive(int), default=5, help="fewest timed calls per measurement (default 5)"
+    )
     p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
     p.add_argument("--csv", metavar="PATH", help="write one CSV row per case and implementation")
     p.add_argument("--plot", metavar="PNG", help="bar charts of time and peak memory (matplotlib, Agg)")
@@ -108,9 +121,9 @@ def _device(args: argparse.Namespace, suite_device: str | None) -> torch.device:
     name = args.device or suite_device or "auto"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("python -m bench: --device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name, torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device(name, torch.cuda.current_device())
+    return torch.device(name)
 
 
 def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Case], list[str], dict[str, Any]]:
@@ -118,7 +131,7 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     shapes = tuple(args.shape) if args.shape else suite.shapes
     variants = args.variants or suite.variants or VARIANTS
     impls = list(args.impls or suite.impls or DEFAULT_IMPLS)
-    dtype = args.dtype or suite.dtype or torch.float32
+    dtype = args.dtype or suite.dtype or DEFAULT_DTYPE.get(device.type, torch.float32)
     tokens = args.tokens or suite.tokens.get(device.type, suite.tokens["cpu"])
     r = args.r or suite.r
     mini_r = args.mini_r or r
@@ -140,12 +153,41 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     return cases, impls, settings
 
 
+def list_suites() -> list[str]:
+    lines = []
+    for suite in SUITES.values():
+        tokens = ", ".join(f"{m} on {d}" for d, m in suite.tokens.items())
+        lines += [f"{suite.name}: {suite.description}", f"  tokens: {tokens}; r = {suite.r}"]
+        lines += [
+            f"  {s.name}: in {s.in_features}, out {s.out_features}{', bias' if s.bias else ''}" for s in suite.shapes
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(list_suites()))
+        return EXIT_OK
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline = compare_mod.load(args.compare) if args.compare else None  # fail before measuring, not after
+    # fail before measuring, not after
+    baseline = None
+    if args.compare:
+        try:
+            baseline = compare_mod.load(args.compare)
+        except (OSError, ValueError) as e:
+            p.error(f"--compare {args.compare}: {e}")
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option)
+        if path and not Path(path).resolve().parent.is_dir():
+            p.error(f"--{option} {path}: the directory does not exist")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot needs matplotlib (pip install 'bonekern[bench]')")
     device = _device(args, SUITES[args.suite].device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     cases, impls, settings = build_cases(args, device)
     env = report.environment(device)
     print("\n".join(report.header_lines(env, settings)), flush=True)

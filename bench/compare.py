@@ -50,7 +50,7 @@ def _fmt(v: float | None, unit: str) -> str:
 def load(path: str) -> dict[str, Any]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or "results" not in data:
-        raise ValueError(f"--compare: {path} is not a `python -m bench --json` result (no 'results' list)")
+        raise ValueError("not a `python -m bench --json` result (no 'results' list)")
     return data
 
 

@@ -150,8 +150,21 @@ def test_compare_rules():
         compare([base], [base], -1)
 
 
+def test_list_prints_every_suite(capsys):
+    assert cli.main(["--list"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "llama3-8b.k_proj/v_proj: in 4096, out 1024" in out and "qwen2.5-7b.q_proj: in 3584, out 3584, bias" in out
+    assert "acceptance.square: in 4096, out 4096" in out
+
+
 def test_bad_arguments_name_what_is_allowed(capsys):
-    for argv, needle in ((["--impls", "torch,fast"], "--impls must be"), (["--dtype", "fp8"], "--dtype must be")):
+    cases = (
+        (["--impls", "torch,fast"], "--impls must be"),
+        (["--dtype", "fp8"], "--dtype must be"),
+        (["--compare", "/nonexistent/baseline.json"], "--compare /nonexistent/baseline.json: "),
+        (["--csv", "/nonexistent/out.csv"], "the directory does not exist"),
+    )
+    for argv, needle in cases:
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == cli.EXIT_USAGE
