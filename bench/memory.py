@@ -19,6 +19,7 @@ storage once, parameters excluded by storage identity (their memory is resident 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -115,8 +116,25 @@ class MemoryUse:
     live_bytes: int
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Keep Python's cycle collector from freeing unrelated tensors in the middle of a measurement."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def measure(fn: Callable[[], Any], device: torch.device) -> tuple[MemoryUse, Any]:
     """Run ``fn`` once and return its :class:`MemoryUse` (see the module docstring) and its result."""
+    with _no_gc():
+        return _measure(fn, device)
+
+
+def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[MemoryUse, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -211,6 +211,11 @@ def write_csv(path: str, records: list[dict[str, Any]]) -> None:
         writer.writerows(records)
 
 
+def _plot_label(r: dict[str, Any]) -> str:
+    mini = f" mini_r {r['mini_r']}" if r["mini_r"] else ""
+    return f"{r['model']}\n{r['layers']}\n{r['variant']} r {r['r']}{mini}\n{r['dtype']}, M {r['tokens']}"
+
+
 def write_plot(path: str, records: list[dict[str, Any]], title: str) -> None:
     """Two panels: fwd+bwd median time and peak memory, one group of bars per case, one bar per implementation."""
     import matplotlib
@@ -240,7 +245,7 @@ def write_plot(path: str, records: list[dict[str, Any]], title: str) -> None:
             ax.bar(xs, ys, width, label=label if impl != "lora" else "lora (matched params)")
         ax.set_ylabel(ylabel)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([c.replace("/", "\n", 2) for c in cases], fontsize=7)
+        ax.set_xticklabels([_plot_label(next(r for r in ok if r["case_id"] == c)) for c in cases], fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=min(len(impls), 4))
     axes[0, 0].set_title(title, fontsize=9)
