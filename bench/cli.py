@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="bar charts of time and peak memory (matplotlib, Agg)")
     p.add_argument("--compare", metavar="BASELINE.json", help="exit 1 if a metric regressed against this --json")
     p.add_argument("--threshold", type=float, default=10.0, help="regression threshold in percent (default 10)")
+    p.add_argument(
+        "--autotune",
+        choices=("lookup", "on", "off"),
+        help="bonekern's autotuner during the bench: lookup = cache, shipped profiles or defaults, never time "
+        "(default, unless BONEKERN_AUTOTUNE is set); on = tune each new shape in its warm-up call (not timed) "
+        "and cache the result; off = heuristic defaults only",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -149,6 +157,7 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
         "impls": impls,
         "budget_s": args.budget,
         "min_repeats": args.min_repeats,
+        "autotune": os.environ.get("BONEKERN_AUTOTUNE", "1"),
     }
     return cases, impls, settings
 
@@ -172,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The tuner reads BONEKERN_AUTOTUNE on every decision; by default the bench never times candidates itself.
+    if args.autotune:
+        os.environ["BONEKERN_AUTOTUNE"] = {"lookup": "lookup", "on": "1", "off": "0"}[args.autotune]
+    else:
+        os.environ.setdefault("BONEKERN_AUTOTUNE", "lookup")
     # fail before measuring, not after
     baseline = None
     if args.compare:

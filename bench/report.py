@@ -91,6 +91,7 @@ def header_lines(env: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         f"timing: median [p20-p80] of calls calibrated to {settings['budget_s']:g} s per measurement "
         f"(at least {settings['min_repeats']}), "
         + ("CUDA events, L2 flushed before each call" if env["gpu"] else "perf_counter"),
+        f"bonekern autotune: BONEKERN_AUTOTUNE={settings.get('autotune', '1')} (see --autotune)",
         "TFLOP/s, GB/s: the method's FLOPs and compulsory bytes (bench/costs.py) / fwd+bwd median",
         "peak: most bytes alive at once during fwd+bwd, allocated in the call (inputs and parameters excluded; "
         + ("torch.cuda.max_memory_allocated)" if env["gpu"] else "CPU allocator reports via the profiler)"),
