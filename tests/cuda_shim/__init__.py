@@ -13,6 +13,7 @@ failed launch-geometry check or ``BK_CHECK`` inside a kernel into an exception.
 from __future__ import annotations
 
 import atexit
+import collections
 import ctypes
 import shutil
 import subprocess
@@ -111,7 +112,7 @@ def build(build_dir: Path) -> dict[str, Path]:
         cmd = [CXX, *CXXFLAGS, f"-I{SHIM_DIR}", f"-I{kernels_dir()}", str(unit), "-o", str(out)]
         procs[source] = (out, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     errors = []
-    for source, (_, cmd, proc) in procs.items():
+    for _, cmd, proc in procs.values():
         output, _ = proc.communicate()
         if proc.returncode != 0:
             errors.append(f"{' '.join(cmd)}\n{output}")
@@ -126,7 +127,8 @@ class ShimLauncher(launcher_module.Launcher):
     def __init__(self) -> None:
         self._libraries: dict[str, _Library] | None = None
         self._lock = threading.Lock()
-        self.launches = 0  # how many kernels ran (tests use it to prove the kernels, not a fallback, did the work)
+        # The kernels launched, most recent last: tests use it to prove that kernels (and which variant) did the work.
+        self.history: collections.deque[str] = collections.deque(maxlen=10000)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cpu":
@@ -176,7 +178,7 @@ class ShimLauncher(launcher_module.Launcher):
         grid3 = (ctypes.c_uint * 3)(*_dims(grid, kernel, "grid"))
         block3 = (ctypes.c_uint * 3)(*_dims(block, kernel, "block"))
         rc = library.lib.bk_shim_launch(index, grid3, block3, argv)
-        self.launches += 1
+        self.history.append(kernel)
         if rc == 5:
             raise RuntimeError(f"{kernel}: check failed inside the kernel: {library.lib.bk_shim_failure().decode()}")
         if rc:

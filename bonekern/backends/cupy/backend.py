@@ -11,10 +11,12 @@ Per operation (x (M, K), W (N, K), block as in :mod:`bonekern.backends.base`; "a
 - bat_forward: ``W'`` built by a kernel (whole, or ``chunk_blocks`` out-blocks at a time), then cuBLAS; W' is
   dropped before returning.
 - bat_backward: per chunk of out-blocks, the W' rows (kernel) for ``dx += dY[:, rows] W'_rows`` (cuBLAS), and
-  ``G_rows = dY[:, rows]^T x`` (cuBLAS, in acc) reduced to dB by the block-gradient kernel. The temporaries alive at
-  once are bounded by ``chunk_blocks * r * K`` elements of W' rows (x's dtype) plus as many of G (acc), plus the
-  (splits, chunk_blocks, r, r) partial sums -- never an N x K tensor unless chunk_blocks covers all out-blocks.
-  When x is 16-bit, G is formed from a float32 copy of x (M x K) unless torch's CUDA ``mm(out_dtype=...)`` exists.
+  ``G_rows = dY[:, rows]^T x`` (cuBLAS, in acc) reduced to ``sum_j W_ij^T G_ij`` by the block-gradient kernel; the
+  identity part ``sum_j G_ij = dY_i^T S(x)`` is a rank-r GEMM with ``S(x) = group_sum(x, r)`` (kernel, once).
+  Temporary memory is bounded by the chunk: ``chunk_blocks * r * K`` elements of W' rows (x's dtype) plus as many
+  of G (acc), plus (splits, chunk_blocks, r, r) partial sums, plus S(x) (M x r) -- never an N x K tensor unless
+  chunk_blocks covers every out-block. When x is 16-bit, G is formed from a float32 copy of x (M x K) unless
+  torch's CUDA ``mm(out_dtype=...)`` is there to multiply the 16-bit tensors into float32 directly.
 
 Strided x: the group-sum kernel reads any strides; F.linear / torch.mm get x as it is (cuBLAS takes row- or
 column-major views directly; for other layouts torch makes its own contiguous copy inside the call).
@@ -205,6 +207,7 @@ class CupyBackend(Backend):
         if need_dblock:
             dblock = torch.empty(block.shape, dtype=acc, device=block.device)
             x_for_g = x if _mm_widens(x, acc) else x.to(acc)
+            s_x = kernels.group_sum(x, r, acc, vector=config.get("vector", True))
         chunk = max(1, int(config.get("chunk_blocks", blocks)))
         for i0 in range(0, blocks, chunk):
             i1 = min(blocks, i0 + chunk)
@@ -218,11 +221,13 @@ class CupyBackend(Backend):
                     dx.addmm_(dy[:, rows], w_prime_rows)
                 del w_prime_rows
             if need_dblock:
-                g = _mm_acc(dy[:, rows].t(), x_for_g, acc)
+                dy_t = dy[:, rows].t()
+                g = _mm_acc(dy_t, x_for_g, acc)
                 dblock[i0:i1] = kernels.bat_block_grad(
                     g, w_rows, r, splits=int(config.get("splits", 1)), tile=config.get("grad_tile", "t64x64")
                 )
                 del g
+                dblock[i0:i1] += _mm_acc(dy_t, s_x, acc).view(i1 - i0, r, r)
         if dblock is not None:
             dblock = dblock.to(block.dtype)
         return dx, dblock

@@ -30,9 +30,9 @@ def _launch(
     acc: torch.dtype,
     variant: str,
     grid: tuple[int, int, int],
-    block: tuple[int, int, int],
     args: tuple[KernelArg, ...],
     device: torch.device,
+    block: tuple[int, int, int] = (BLOCK_THREADS, 1, 1),
 ) -> None:
     launcher = launcher_for(device)
     if launcher is None:
@@ -88,9 +88,9 @@ def group_sum(
         acc,
         "vec16" if use_vector else "scalar",
         (_ceil_div(m, rows_per_block), 1, 1),
-        (threads, rows_per_block, 1),
         (x, out, m, cols, x.stride(0), x.stride(1), width),
         x.device,
+        block=(threads, rows_per_block, 1),
     )
     return out
 
@@ -107,9 +107,7 @@ def add_adapter_(y: torch.Tensor, s: torch.Tensor, d: torch.Tensor, *, tile: str
         raise ValueError(f"add_adapter_: y {tuple(y.shape)} (strides {y.stride()}), s {tuple(s.shape)}, d {(r, cols)}")
     bm, bn = tile_shape(tile)
     grid = (_ceil_div(m, bm) * _ceil_div(n, bn), 1, 1)
-    _launch(
-        "bone_add_adapter", y.dtype, s.dtype, tile, grid, (BLOCK_THREADS, 1, 1), (y, s, d, m, n, y.stride(0), r, cols), y.device
-    )
+    _launch("bone_add_adapter", y.dtype, s.dtype, tile, grid, (y, s, d, m, n, y.stride(0), r, cols), y.device)
     return y
 
 
@@ -132,7 +130,6 @@ def add_grouped_(dx: torch.Tensor, t: torch.Tensor, *, vector: bool = True) -> t
         t.dtype,
         "vec16" if use_vector else "scalar",
         (blocks, 1, 1),
-        (BLOCK_THREADS, 1, 1),
         (dx, t, m, k, dx.stride(0), r),
         dx.device,
     )
@@ -140,7 +137,7 @@ def add_grouped_(dx: torch.Tensor, t: torch.Tensor, *, vector: bool = True) -> t
 
 
 def bat_weight_(out: torch.Tensor, weight_rows: torch.Tensor, b: torch.Tensor, *, tile: str = "t64x64") -> torch.Tensor:
-    """Write W'_ij = W_ij (I + B_i) + B_i for a run of c out-blocks into ``out``.
+    """Write W'_ij = W_ij B_i + W_ij + B_i (= W_ij (I + B_i) + B_i) for a run of c out-blocks into ``out``.
 
     out, weight_rows: (c * r, K) contiguous, same dtype; b: (c, r, r) contiguous in acc. Computed in acc.
     """
@@ -148,23 +145,26 @@ def bat_weight_(out: torch.Tensor, weight_rows: torch.Tensor, b: torch.Tensor, *
     k = weight_rows.shape[1]
     _check_acc_operands(weight_rows, b)
     if not (out.is_contiguous() and weight_rows.is_contiguous() and out.shape == weight_rows.shape == (count * r, k)):
-        raise ValueError(f"bat_weight_: out {tuple(out.shape)}, weight rows {tuple(weight_rows.shape)}, b {tuple(b.shape)}")
+        raise ValueError(
+            f"bat_weight_: out {tuple(out.shape)}, weight rows {tuple(weight_rows.shape)}, b {tuple(b.shape)}"
+        )
     if out.dtype != weight_rows.dtype:
         raise TypeError(f"bat_weight_: out must have the weight's dtype {weight_rows.dtype}; got {out.dtype}")
     bm, bn = tile_shape(tile)
     grid = (count * _ceil_div(k, bm) * _ceil_div(r, bn), 1, 1)
-    _launch("bat_weight", out.dtype, b.dtype, tile, grid, (BLOCK_THREADS, 1, 1), (out, weight_rows, b, k, r), out.device)
+    _launch("bat_weight", out.dtype, b.dtype, tile, grid, (out, weight_rows, b, k, r), out.device)
     return out
 
 
 def bat_block_grad(
     g: torch.Tensor, weight_rows: torch.Tensor, r: int, *, splits: int = 1, tile: str = "t64x64"
 ) -> torch.Tensor:
-    """dB_i = sum_j (W_ij + I)^T G_ij for a run of c out-blocks: (c, r, r) in acc.
+    """The W part of Bat's block gradient, sum_j W_ij^T G_ij, for a run of c out-blocks: (c, r, r) in acc.
 
-    g: rows of G = dY^T x for those out-blocks, (c * r, K) contiguous in acc; weight_rows: the same rows of W,
-    contiguous. The sum over the K / r in-blocks is cut into ``splits`` ranges reduced in parallel; their partial sums
-    (a (splits, c, r, r) temporary) are then added here, in a fixed order (deterministic).
+    (The full dB_i = sum_j (W_ij + I)^T G_ij also needs sum_j G_ij = dY_i^T S(x); the backend adds that rank-r
+    product.) g: rows of G = dY^T x for those out-blocks, (c * r, K) contiguous in acc; weight_rows: the same rows
+    of W, contiguous. The sum over the K / r in-blocks is cut into ``splits`` ranges reduced in parallel; their
+    partial sums (a (splits, c, r, r) temporary) are then added here, in a fixed order (deterministic).
     """
     rows, k = g.shape
     count = rows // r
@@ -179,7 +179,7 @@ def bat_block_grad(
     bm, bn = tile_shape(tile)
     grid = (count * _ceil_div(r, bm) * _ceil_div(r, bn), splits, 1)
     args = (partial, g, weight_rows, count, k, r, per_split)
-    _launch("bat_block_grad", weight_rows.dtype, g.dtype, tile, grid, (BLOCK_THREADS, 1, 1), args, g.device)
+    _launch("bat_block_grad", weight_rows.dtype, g.dtype, tile, grid, args, g.device)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -188,6 +188,8 @@ def _check_acc_operands(storage: torch.Tensor, *acc_operands: torch.Tensor) -> N
     acc = acc_operands[0].dtype
     for t in acc_operands:
         if t.dtype != acc or acc not in (torch.float32, torch.float64) or not t.is_contiguous():
-            raise TypeError(f"kernel operands in the accumulation dtype must be contiguous float32/float64; got {t.dtype}")
+            raise TypeError(
+                f"kernel operands in the accumulation dtype must be contiguous float32/float64; got {t.dtype}"
+            )
     if any(t.device != storage.device for t in acc_operands):
         raise ValueError("kernel operands must be on one device")

@@ -1,13 +1,17 @@
 // Bat kernels, for a run of `blocks` consecutive out-blocks (a chunk of r * blocks rows of W):
 //
-//   bk_bat_weight:      W'_ij = W_ij (I + B_i) + B_i                       (stored in W's type, computed in A)
-//   bk_bat_block_grad:  dB_i = sum_j (W_ij + I)^T G_ij, one partial sum per split of the j range
+//   bk_bat_weight:      W'_ij = W_ij B_i + W_ij + B_i                      (stored in W's type, computed in A)
+//   bk_bat_block_grad:  sum_j W_ij^T G_ij, one partial sum per split of the j range
+//
+// The host adds the identity part of dB_i = sum_j (W_ij + I)^T G_ij, sum_j G_ij = dY_i^T S(x), as a rank-r GEMM.
+// Both kernels keep the reference's term structure (W B + W + B; W^T G + sum G), so non-finite inputs give the
+// same Inf / NaN pattern as the einsum reference.
 //
 // Both use the free view of out-block i's rows as a (K, r) matrix: for W rows i*r .. i*r + r - 1 (contiguous, row
 // length K), element [u, s] with u = p * (K / r) + j is W[i*r + p, j*r + s]. Then
-//   W'_i (K, r) = Z_i (I + B_i) + B_i[p(u), :]                 with Z_i the view of W, p(u) = u / (K / r),
-//   dB_i (r, r) = sum_u (Z_i[u, :] + e_{p(u)})^T Gz_i[u, :]    with Gz_i the same view of G = dY^T x,
-// i.e. two thin GEMMs with reduction length r and K. "+ I" and "+ e_p" are added while the tiles are loaded.
+//   W'_i (K, r) = Z_i B_i + Z_i + B_i[p(u), :]      with Z_i the view of W, p(u) = u / (K / r),
+//   W-part of dB_i (r, r) = Z_i^T Gz_i               with Gz_i the same view of G = dY^T x,
+// i.e. two thin GEMMs with reduction length r and K.
 #include "tile_gemm.cuh"
 
 namespace bk {
@@ -28,7 +32,7 @@ __device__ __forceinline__ void bat_weight(T* __restrict__ out, const T* __restr
         for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
     tile_gemm<TileT, A, false>(
         acc, t.m0, t.n0, k_size, r, 0, r, [=](i64 u, i64 s) { return widen<A>(z[u * r + s]); },
-        [=](i64 s, i64 q) { return b_i[s * r + q] + (s == q ? A(1) : A(0)); });
+        [=](i64 s, i64 q) { return b_i[s * r + q]; });
     T* o = out + t.batch * r * k_size;
 #pragma unroll
     for (int i = 0; i < TileT::TM; ++i) {
@@ -38,7 +42,7 @@ __device__ __forceinline__ void bat_weight(T* __restrict__ out, const T* __restr
 #pragma unroll
         for (int j = 0; j < TileT::TN; ++j) {
             const i64 q = t.n0 + tile_col<TileT>(j);
-            if (q < r) o[u * r + q] = narrow<T>(acc[i][j] + b_i[p * r + q]);
+            if (q < r) o[u * r + q] = narrow<T>(acc[i][j] + widen<A>(z[u * r + q]) + b_i[p * r + q]);
         }
     }
 }
@@ -52,7 +56,6 @@ __device__ __forceinline__ void bat_block_grad(A* __restrict__ partial, const A*
                                                i64 k_per_split) {
     BK_CHECK(blockDim.x == TileT::kThreads && blockDim.y == 1 && blockDim.z == 1);
     const TileIndex t = tile_index<TileT>(r, r);
-    const i64 groups = k_size / r;
     const i64 split = static_cast<i64>(blockIdx.y);
     const i64 u_begin = split * k_per_split;
     const i64 u_end = u_begin + k_per_split < k_size ? u_begin + k_per_split : k_size;
@@ -63,10 +66,9 @@ __device__ __forceinline__ void bat_block_grad(A* __restrict__ partial, const A*
     for (int i = 0; i < TileT::TM; ++i)
 #pragma unroll
         for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
-    // A operand: (W_i + I)^T, i.e. a(s, u) = Z_i[u, s] + [p(u) == s], with p(u) == s  <=>  s * groups <= u < (s + 1) * groups.
+    // A operand: W_i^T, i.e. a(s, u) = Z_i[u, s] (stored transposed: consecutive s are adjacent).
     tile_gemm<TileT, A, true>(
-        acc, t.m0, t.n0, r, r, u_begin, u_end,
-        [=](i64 s, i64 u) { return widen<A>(z[u * r + s]) + (u >= s * groups && u < (s + 1) * groups ? A(1) : A(0)); },
+        acc, t.m0, t.n0, r, r, u_begin, u_end, [=](i64 s, i64 u) { return widen<A>(z[u * r + s]); },
         [=](i64 u, i64 q) { return gz[u * r + q]; });
     A* out = partial + (split * blocks + t.batch) * r * r;
 #pragma unroll
