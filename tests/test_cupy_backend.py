@@ -5,6 +5,8 @@ conftest.py; the tests marked ``gpu`` run the same checks with real CuPy launche
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cuda_shim
 import pytest
 import torch
@@ -14,8 +16,10 @@ from torch import nn
 from bonekern import BoneLinear, bone_linear
 from bonekern.backends import OpProblem, get_backend, unavailable_reason
 from bonekern.backends.cupy import kernels
+from bonekern.backends.cupy import launcher as launcher_module
 from bonekern.backends.cupy.launcher import CupyLauncher, install_launcher
 from bonekern.backends.pytorch import TorchBackend
+from bonekern.errors import BackendUnavailableError
 
 CUPY = get_backend("cupy")
 TORCH = TorchBackend()
@@ -29,11 +33,15 @@ def shim() -> cuda_shim.ShimLauncher:
 
 
 def test_availability():
+    """Users never get the CPU: without the test suite's shim launcher, backend="cupy" on CPU tensors says why."""
     assert unavailable_reason("cupy", "cpu") is None  # the test suite's shim is installed
     previous = install_launcher("cpu", None)
     try:
         reason = unavailable_reason("cupy", "cpu")
         assert reason is not None and "CUDA GPU" in reason
+        p = make_problem("bone", (3,), 8, 8, 2)
+        with pytest.raises(BackendUnavailableError, match="backend 'cupy' cannot run on cpu: CuPy kernels need a CUDA"):
+            bone_linear(p.x, p.weight, p.block, p.bias, variant="bone", backend="cupy")
     finally:
         install_launcher("cpu", previous)
     assert "CUDA GPU" in CupyLauncher().unavailable_reason(torch.device("cpu"))
@@ -163,6 +171,17 @@ def test_autograd_keeps_s_or_x_only(shim, variant):
     saved = _saved_tensors(layer, torch.randn(10, 32, requires_grad=True))
     assert saved == ([(10, 32)] if variant == "bat" else [(10, 8)]), saved
     assert shim.history
+
+
+def test_cupy_launcher_compiles_for_the_device_arch_once(tmp_path, monkeypatch):
+    """The GPU launcher's compile step (NVRTC, the device's sm_XY, disk cache) works without a GPU."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy is not installed")
+    monkeypatch.setattr(launcher_module, "_cache_dir", lambda: tmp_path)
+    path = Path(CupyLauncher()._cubin("group_sum.cu", 90))
+    assert path.parent == tmp_path and path.read_bytes()[:4] == b"\x7fELF" and "sm_90" in path.name
+    stamp = path.stat().st_mtime_ns
+    assert Path(CupyLauncher()._cubin("group_sum.cu", 90)) == path  # another process-level launcher: cache hit
+    assert path.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
 
 
 def test_rejects_unknown_tile(shim):

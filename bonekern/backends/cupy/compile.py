@@ -1,10 +1,13 @@
-"""Ahead-of-time compiles of the CUDA sources for a chosen GPU architecture, without a GPU, and ptxas figures.
+"""Compiling the CUDA sources for a GPU architecture -- at run time, and ahead of time without a GPU -- and ptxas
+figures.
 
-Two compilers, the same sources and options as at run time (:data:`~.launcher.NVRTC_OPTIONS` plus ``-arch=sm_XY``):
-
-- NVRTC, through CuPy's low-level binding (``cupy_backends.cuda.libs.nvrtc``): what CuPy runs on the GPU, and
-  available in a plain ``pip install 'bonekern[cupy]'``;
-- nvcc (``nvcc -cubin -arch=sm_XY -Xptxas -v``), where the CUDA toolkit is installed.
+- :func:`nvrtc_compile` is THE compile: the launcher calls it for the device's ``sm_XY`` and loads the cubin with
+  ``cupy.RawModule``; the tests call it for sm_80 / sm_90 with no GPU present. NVRTC comes through CuPy's low-level
+  binding (``cupy_backends.cuda.libs.nvrtc``, in a plain ``pip install 'bonekern[cupy]'``), with exactly
+  :data:`NVRTC_OPTIONS` (no ``-ftz``: denormals behave as in torch; CuPy's own ``RawModule(code=...)`` would add
+  ``-ftz=true``).
+- :func:`nvcc_compile` (``nvcc -cubin -arch=sm_XY -Xptxas -v``), where the CUDA toolkit is installed: a second
+  compiler over the same files, for the checks.
 
 ``-Xptxas -v`` makes ptxas report, per kernel: registers, spill stores/loads, stack and static shared memory.
 :func:`check_resources` turns them into failures (new spills, > 255 registers, shared memory above the
@@ -26,8 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .launcher import NVRTC_OPTIONS
 from .sources import KERNEL_FILES, kernels_dir, load_source
+
+NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-lineinfo")
+"""Options of every compile, besides ``-arch=sm_XY`` (and ``-Xptxas=-v`` when figures are wanted)."""
 
 ARCHS: tuple[int, ...] = (80, 90)
 """The architectures the kernels are checked and baselined for (A100, H100/H200)."""
@@ -54,14 +59,18 @@ class KernelResources:
     shared_bytes: int
 
 
-def nvrtc_compile(source: str, arch: int, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
-    """Compile kernels/``source`` with NVRTC for ``sm_<arch>``; returns (cubin, compiler log with ptxas -v)."""
+def nvrtc_compile(source: str, arch: int, verbose: bool = True) -> tuple[bytes, str]:
+    """Compile kernels/``source`` with NVRTC for ``sm_<arch>``; returns (cubin, compiler log).
+
+    verbose: add ``-Xptxas=-v`` so the log holds ptxas's per-kernel figures (it changes nothing in the cubin).
+    """
     from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(load_source(source), source, [], [])
     try:
         try:
-            nvrtc.compileProgram(program, [*NVRTC_OPTIONS, f"-arch=sm_{arch}", "-Xptxas=-v", *options])
+            options = [*NVRTC_OPTIONS, f"-arch=sm_{arch}", *(["-Xptxas=-v"] if verbose else [])]
+            nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(program).replace("\0", "")
             raise CompileError(f"NVRTC could not compile {source} for sm_{arch}: {exc}\n{log}") from exc

@@ -1,10 +1,11 @@
 """How a kernel launch reaches a device: the launcher abstraction and its CuPy implementation.
 
 The host code (:mod:`.kernels`) computes a launch -- source file, kernel name, grid, block, arguments -- and hands it
-to the :class:`Launcher` registered for the tensors' device type. On CUDA that is :class:`CupyLauncher`: the ``.cu``
-file is compiled once per process and device by ``cupy.RawModule`` (NVRTC, ``-arch=sm_XY`` of that device; CuPy
-also caches the cubin on disk) and the kernel runs on torch's current stream with the tensors' own device
-pointers (zero-copy; nothing is converted to CuPy arrays).
+to the :class:`Launcher` registered for the tensors' device type. On CUDA that is :class:`CupyLauncher`: each ``.cu``
+file is compiled by :func:`.compile.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
+the cubin is also cached on disk, keyed by source, options, NVRTC version and architecture), loaded per device with
+``cupy.RawModule(path=...)``, and its kernels run on torch's current stream with the tensors' own device pointers
+(zero-copy; nothing is converted to CuPy arrays).
 
 Arguments are torch tensors (passed as device pointers) and Python ints (passed as 64-bit integers); every kernel
 takes exactly these two kinds. The test suite registers a launcher for ``"cpu"`` that compiles the same sources with
@@ -14,7 +15,11 @@ the host shim (tests/cuda_shim), which is how the whole backend runs, and is tes
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +27,6 @@ import torch
 from .sources import load_source
 
 KernelArg = torch.Tensor | int
-
-NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-lineinfo")
-"""Options every module is compiled with; the launcher (or compile.py for a chosen GPU) adds ``-arch=sm_XY``."""
 
 
 class Launcher:
@@ -52,7 +54,8 @@ class CupyLauncher(Launcher):
 
     def __init__(self) -> None:
         self._modules: dict[tuple[str, int], Any] = {}
-        self._streams: dict[int, Any] = {}
+        self._cubins: dict[tuple[str, int], str] = {}
+        self._streams: dict[tuple[int, int], Any] = {}
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -66,18 +69,39 @@ class CupyLauncher(Launcher):
 
         module = self._modules.get((source, index))
         if module is None:
-            module = cupy.RawModule(code=load_source(source), options=NVRTC_OPTIONS, backend="nvrtc")
+            major, minor = torch.cuda.get_device_capability(index)
+            module = cupy.RawModule(path=self._cubin(source, 10 * major + minor))
             self._modules[(source, index)] = module
         return module.get_function(kernel)
 
-    def _stream(self, handle: int):
-        """A CuPy view of the torch stream ``handle`` (created once per stream)."""
+    def _cubin(self, source: str, arch: int) -> str:
+        """Path of the cubin of ``source`` for ``sm_<arch>``: from the disk cache, or compiled now and stored."""
+        path = self._cubins.get((source, arch))
+        if path is None:
+            from cupy_backends.cuda.libs import nvrtc
+
+            from .compile import NVRTC_OPTIONS, nvrtc_compile  # imported here: `python -m ...compile` stays clean
+
+            key = f"{load_source(source)}\0{NVRTC_OPTIONS}\0{nvrtc.getVersion()}\0{arch}"
+            digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+            target = _cache_dir() / f"{Path(source).stem}.sm_{arch}.{digest}.cubin"
+            if not target.is_file():
+                cubin, _ = nvrtc_compile(source, arch, verbose=False)
+                partial = target.with_suffix(f".{os.getpid()}.partial")
+                partial.write_bytes(cubin)
+                os.replace(partial, target)  # atomic: concurrent processes never read half a file
+            path = self._cubins[(source, arch)] = str(target)
+        return path
+
+    def _stream(self, index: int):
+        """A CuPy view of torch's current stream on device ``index`` (created once per stream)."""
         import cupy
 
-        stream = self._streams.get(handle)
+        handle = torch.cuda.current_stream(index).cuda_stream
+        stream = self._streams.get((index, handle))
         if stream is None:
             stream = cupy.cuda.Stream.from_external(_StreamHandle(handle))
-            self._streams[handle] = stream
+            self._streams[(index, handle)] = stream
         return stream
 
     def launch(self, source, kernel, grid, block, args, device):
@@ -95,8 +119,9 @@ class CupyLauncher(Launcher):
                 packed.append(np.int64(arg))
         with cupy.cuda.Device(index):
             function = self._function(source, kernel, index)
-            stream = self._stream(torch.cuda.current_stream(index).cuda_stream)
-            function(tuple(grid), tuple(block), tuple(packed), stream=stream)
+            # RawKernel launches on CuPy's current stream: make it torch's current stream for this launch.
+            with self._stream(index):
+                function(tuple(grid), tuple(block), tuple(packed))
 
 
 class _StreamHandle:
@@ -107,6 +132,23 @@ class _StreamHandle:
 
     def __cuda_stream__(self) -> tuple[int, int]:
         return (0, self.handle)
+
+
+@functools.cache
+def _cache_dir() -> Path:
+    """Where compiled cubins are kept: $BONEKERN_CACHE_DIR, else ~/.cache/bonekern/cuda (a private temporary
+    directory when neither is writable)."""
+    chosen = os.environ.get("BONEKERN_CACHE_DIR")
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    directory = Path(chosen) if chosen else Path(cache_home) / "bonekern" / "cuda"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        directory = Path(tempfile.mkdtemp(prefix="bonekern-cuda-"))
+    return directory
 
 
 @functools.cache
