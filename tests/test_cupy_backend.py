@@ -72,11 +72,12 @@ def _inputs(variant: str, dtype: torch.dtype):
     return x, weight, block, bias, dy
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
-def test_every_config_and_gradient_subset(shim, variant, dtype):
+def test_every_config_and_gradient_subset(shim, variant, dtype, device):
     """Each config of configs() gives the float64 answer; unneeded gradients come back as None."""
-    x, weight, block, bias, dy = _inputs(variant, dtype)
+    x, weight, block, bias, dy = (t.to(device) for t in _inputs(variant, dtype))
     fam = "bat" if variant == "bat" else "bone"
     ops = (f"{fam}_forward", f"{fam}_backward")
     problems = [OpProblem.from_tensors(op, x.shape[0], weight, block, dtype) for op in ops]
@@ -105,7 +106,7 @@ def test_every_config_and_gradient_subset(shim, variant, dtype):
             if need_db:
                 assert db.dtype == block.dtype
                 assert_close_to_reference(db, want_db, dtype, f"{variant} dblock {config}")
-    assert shim.history, "no kernel ran"
+    assert device == "cuda" or shim.history, "no kernel ran"
 
 
 def test_bone_backward_widens_dy_in_column_chunks(shim):
@@ -236,6 +237,5 @@ def test_gpu_runs_on_torchs_current_stream():
         x = p.x * 2  # produced on the side stream
         y = bone_linear(x, p.weight, p.block, p.bias, variant="bone", backend="cupy")
     side.synchronize()
-    p.x = x
     want = bone_linear(x, p.weight, p.block, p.bias, variant="bone", backend="torch")
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)

@@ -84,24 +84,24 @@ __device__ __forceinline__ void bat_block_grad(A* __restrict__ partial, const A*
 
 }  // namespace bk
 
-#define BK_BAT_WEIGHT_KERNEL(TILE_NAME, TILE, SUF, T, A)                                                     \
-    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, 2)                                        \
-        bk_bat_weight_##SUF##_##TILE_NAME(T* out, const T* w, const A* b, bk::i64 k_size, bk::i64 r) {     \
-        bk::bat_weight<T, A, TILE>(out, w, b, k_size, r);                                                  \
+#define BK_BAT_WEIGHT_KERNEL(TILE_NAME, TILE, SUF, T, A)                                               \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)               \
+        bk_bat_weight_##SUF##_##TILE_NAME(T* out, const T* w, const A* b, bk::i64 k_size, bk::i64 r) { \
+        bk::bat_weight<T, A, TILE>(out, w, b, k_size, r);                                              \
     }
 
-#define BK_BAT_BLOCK_GRAD_KERNEL(TILE_NAME, TILE, SUF, T, A)                                                   \
-    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, 2)                                          \
-        bk_bat_block_grad_##SUF##_##TILE_NAME(A* partial, const A* g, const T* w, bk::i64 blocks,            \
-                                              bk::i64 k_size, bk::i64 r, bk::i64 k_per_split) {              \
-        bk::bat_block_grad<T, A, TILE>(partial, g, w, blocks, k_size, r, k_per_split);                       \
+#define BK_BAT_BLOCK_GRAD_KERNEL(TILE_NAME, TILE, SUF, T, A)                                      \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)          \
+        bk_bat_block_grad_##SUF##_##TILE_NAME(A* partial, const A* g, const T* w, bk::i64 blocks, \
+                                              bk::i64 k_size, bk::i64 r, bk::i64 k_per_split) {   \
+        bk::bat_block_grad<T, A, TILE>(partial, g, w, blocks, k_size, r, k_per_split);            \
     }
 
 // bat_weight's output per out-block is (K, r): 128 x 16 tiles for r <= 32; dB_i is (r, r): 32 x 32 tiles for r <= 32.
-#define BK_BAT_KERNELS(SUF, T, A)                                  \
-    BK_BAT_WEIGHT_KERNEL(t64x64, bk::Tile64x64, SUF, T, A)         \
-    BK_BAT_WEIGHT_KERNEL(t128x16, bk::Tile128x16, SUF, T, A)       \
-    BK_BAT_BLOCK_GRAD_KERNEL(t64x64, bk::Tile64x64, SUF, T, A)     \
+#define BK_BAT_KERNELS(SUF, T, A)                              \
+    BK_BAT_WEIGHT_KERNEL(t64x64, bk::Tile64x64, SUF, T, A)     \
+    BK_BAT_WEIGHT_KERNEL(t128x16, bk::Tile128x16, SUF, T, A)   \
+    BK_BAT_BLOCK_GRAD_KERNEL(t64x64, bk::Tile64x64, SUF, T, A) \
     BK_BAT_BLOCK_GRAD_KERNEL(t32x32, bk::Tile32x32, SUF, T, A)
 
 BK_FOR_EACH_TYPE_PAIR(BK_BAT_KERNELS)

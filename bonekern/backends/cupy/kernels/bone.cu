@@ -62,18 +62,18 @@ __device__ __forceinline__ void bone_add_grouped(T* __restrict__ dx, const A* __
 
 }  // namespace bk
 
-#define BK_ADD_ADAPTER_KERNEL(TILE_NAME, TILE, SUF, T, A)                                                      \
-    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, 2)                                          \
+#define BK_ADD_ADAPTER_KERNEL(TILE_NAME, TILE, SUF, T, A)                                                     \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)                      \
         bk_bone_add_adapter_##SUF##_##TILE_NAME(T* y, const A* s, const A* d, bk::i64 m_size, bk::i64 n_size, \
-                                                bk::i64 y_row_stride, bk::i64 r, bk::i64 cols) {             \
-        bk::bone_add_adapter<T, A, TILE>(y, s, d, m_size, n_size, y_row_stride, r, cols);                    \
+                                                bk::i64 y_row_stride, bk::i64 r, bk::i64 cols) {              \
+        bk::bone_add_adapter<T, A, TILE>(y, s, d, m_size, n_size, y_row_stride, r, cols);                     \
     }
 
-#define BK_ADD_GROUPED_KERNEL(SUF, T, A, NAME, V)                                                              \
-    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, 2)                                          \
-        bk_bone_add_grouped_##SUF##_##NAME(T* dx, const A* t, bk::i64 rows, bk::i64 cols,                    \
-                                           bk::i64 dx_row_stride, bk::i64 r) {                               \
-        bk::bone_add_grouped<T, A, V>(dx, t, rows, cols, dx_row_stride, r);                                  \
+#define BK_ADD_GROUPED_KERNEL(SUF, T, A, NAME, V)                                         \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)  \
+        bk_bone_add_grouped_##SUF##_##NAME(T* dx, const A* t, bk::i64 rows, bk::i64 cols, \
+                                           bk::i64 dx_row_stride, bk::i64 r) {            \
+        bk::bone_add_grouped<T, A, V>(dx, t, rows, cols, dx_row_stride, r);               \
     }
 
 #define BK_BONE_KERNELS(SUF, T, A)                          \

@@ -29,6 +29,9 @@ using i64 = long long;
 
 // Every kernel is launched with exactly this many threads per block (the host side asserts it, the shim checks it).
 constexpr int kBlockThreads = 256;
+// __launch_bounds__(kBlockThreads, kMinBlocksPerSM) on every kernel: at most 128 registers per thread. With the
+// thread count alone, ptxas 13 aimed for full occupancy (32-64 registers) and spilled the GEMM tiles.
+constexpr int kMinBlocksPerSM = 2;
 
 // 16-bit floats as raw storage; arithmetic always happens after widening to the accumulation type.
 struct half_t {
@@ -43,7 +46,9 @@ struct bf16_t {
 // target. fp16 uses the hardware conversion on the GPU and the same rounding in software elsewhere.
 // ---------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float bf16_to_float(bf16_t v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
+__device__ __forceinline__ float bf16_to_float(bf16_t v) {
+    return __uint_as_float(static_cast<unsigned>(v.bits) << 16);
+}
 
 __device__ __forceinline__ bf16_t float_to_bf16(float f) {
     unsigned u = __float_as_uint(f);
@@ -130,7 +135,7 @@ __device__ __forceinline__ A widen(bf16_t v) {
     return static_cast<A>(bf16_to_float(v));
 }
 
-// narrow<T>(a): an accumulated value rounded to the storage type T (double -> 16-bit goes through float, as torch does).
+// narrow<T>(a): an accumulated value rounded to the storage type T (double -> 16-bit goes through float, like torch).
 template <typename T>
 struct Narrow;
 template <>
@@ -163,8 +168,9 @@ __device__ __forceinline__ T narrow(A a) {
 // The host launches a vectorised kernel only when the pointer, the row stride and the extents are V-aligned.
 // ---------------------------------------------------------------------------------------------------------------
 
+// Elements per 16-byte vector: 8 for 16-bit types, 4 for float, 2 for double.
 template <typename T>
-constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector: 8 for 16-bit, 4 float, 2 double
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -185,11 +191,11 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
 
 // Every (storage, accumulation) type pair the kernels are built for; X(suffix, T, A). The suffix names the pair in
 // kernel names: bk_<kernel>_<suffix>_<variant>. bonekern/backends/cupy/sources.py holds the same list.
-#define BK_FOR_EACH_TYPE_PAIR(X)           \
-    X(f16_f32, bk::half_t, float)          \
-    X(bf16_f32, bk::bf16_t, float)         \
-    X(f32_f32, float, float)               \
-    X(f16_f64, bk::half_t, double)         \
-    X(bf16_f64, bk::bf16_t, double)        \
-    X(f32_f64, float, double)              \
+#define BK_FOR_EACH_TYPE_PAIR(X)    \
+    X(f16_f32, bk::half_t, float)   \
+    X(bf16_f32, bk::bf16_t, float)  \
+    X(f32_f32, float, float)        \
+    X(f16_f64, bk::half_t, double)  \
+    X(bf16_f64, bk::bf16_t, double) \
+    X(f32_f64, float, double)       \
     X(f64_f64, double, double)

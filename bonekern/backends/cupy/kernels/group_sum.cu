@@ -82,15 +82,15 @@ __device__ __forceinline__ void group_sum(const T* __restrict__ in, A* __restric
 
 }  // namespace bk
 
-#define BK_GROUP_SUM_KERNEL(SUF, T, A, NAME, V)                                                                 \
-    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, 2)                                             \
-        bk_group_sum_##SUF##_##NAME(const T* in, A* out, bk::i64 rows, bk::i64 cols, bk::i64 row_stride,       \
-                                    bk::i64 col_stride, bk::i64 width) {                                        \
-        bk::group_sum<T, A, V>(in, out, rows, cols, row_stride, col_stride, width);                             \
+#define BK_GROUP_SUM_KERNEL(SUF, T, A, NAME, V)                                                          \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)                 \
+        bk_group_sum_##SUF##_##NAME(const T* in, A* out, bk::i64 rows, bk::i64 cols, bk::i64 row_stride, \
+                                    bk::i64 col_stride, bk::i64 width) {                                 \
+        bk::group_sum<T, A, V>(in, out, rows, cols, row_stride, col_stride, width);                      \
     }
 
-#define BK_GROUP_SUM_KERNELS(SUF, T, A)              \
-    BK_GROUP_SUM_KERNEL(SUF, T, A, scalar, 1)        \
+#define BK_GROUP_SUM_KERNELS(SUF, T, A)       \
+    BK_GROUP_SUM_KERNEL(SUF, T, A, scalar, 1) \
     BK_GROUP_SUM_KERNEL(SUF, T, A, vec16, bk::kVec16<T>)
 
 BK_FOR_EACH_TYPE_PAIR(BK_GROUP_SUM_KERNELS)
