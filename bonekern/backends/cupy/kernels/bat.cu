@@ -1,7 +1,7 @@
 // Bat kernels, for a run of `blocks` consecutive out-blocks (a chunk of r * blocks rows of W):
 //
 //   bk_bat_weight:      W'_ij = W_ij B_i + W_ij + B_i                      (stored in W's type, computed in A)
-//   bk_bat_block_grad:  sum_j W_ij^T G_ij, one partial sum per split of the j range
+//   bk_bat_block_grad:  sum_j W_ij^T G_ij, one partial sum per split of the reduction (rows u of the view below)
 //
 // The host adds the identity part of dB_i = sum_j (W_ij + I)^T G_ij, sum_j G_ij = dY_i^T S(x), as a rank-r GEMM.
 // Both kernels keep the reference's term structure (W B + W + B; W^T G + sum G), so non-finite inputs give the
