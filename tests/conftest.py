@@ -5,6 +5,9 @@
 - ``BONEKERN_AUTOTUNE=0`` keeps ``backend="auto"`` on defaults; the autotuner's own tests switch it back on.
 - Tests marked ``gpu`` are skipped, and reported as skipped, where CUDA is absent.
 - Hypothesis runs a derandomised profile in CI (the same examples every run) and a random one elsewhere.
+- The CUDA host shim (tests/cuda_shim) is installed as the CuPy backend's launcher for CPU tensors, so
+  ``backend="cupy"`` runs its real kernels on the CPU in every test; it is built by g++ on first use and a build
+  failure fails those tests (it is never skipped).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("BONEKERN_AUTOTUNE", "0")
 
+import cuda_shim
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -34,6 +38,8 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+cuda_shim.install()
 
 
 def pytest_collection_modifyitems(config, items):

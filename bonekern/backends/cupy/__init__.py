@@ -1,12 +1,15 @@
-"""``backend="cupy"``: CUDA C++ kernels through CuPy (work in progress: not built yet)."""
+"""``backend="cupy"``: CUDA C++ kernels (``kernels/*.cu``) launched through CuPy on torch's stream, around cuBLAS.
+
+Modules: :mod:`.backend` (the :class:`CupyBackend` operations), :mod:`.kernels` (one host function per kernel:
+checks, instantiation choice, launch geometry), :mod:`.launcher` (CuPy launches; the launcher registry the test
+suite's CPU host shim plugs into), :mod:`.sources` (the .cu files and kernel names), :mod:`.compile` (NVRTC/nvcc
+ahead-of-time compiles and ptxas resource figures, for checks without a GPU).
+
+Importing this package never imports CuPy; that happens on the first launch.
+"""
 
 from __future__ import annotations
 
-from ..base import Backend
+from .backend import CupyBackend
 
-
-class CupyBackend(Backend):
-    name = "cupy"
-
-    def unavailable_reason(self, device):
-        return "the CuPy backend is not built yet in this version of bonekern"
+__all__ = ["CupyBackend"]
