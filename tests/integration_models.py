@@ -1,0 +1,69 @@
+"""Tiny local models for the integration tests (tests/test_integration_*.py and the distributed worker).
+
+No hub access: a ``LlamaConfig`` with small dimensions, PEFT MiSS on every linear layer of the decoder. The shapes
+are chosen so that bone/mini have K % r != 0 (PEFT's zero padding) and bat divides into r x r blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+VARIANTS: dict[str, dict] = {
+    "bone": {"r": 7, "init_weights": True},  # 48 % 7, 96 % 7 != 0
+    "mini": {"r": 5, "init_weights": "mini", "mini_r": 8},  # 8 | N for N in (24, 48, 96)
+    "bat": {"r": 8, "init_weights": "bat"},  # 8 | 24, 48, 96
+}
+"""MissConfig arguments per bonekern variant."""
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 64
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A LlamaForCausalLM with hidden 48, MLP 96, 4 heads of 12 (2 KV heads), vocabulary 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def miss_model(variant: str, base: nn.Module | None = None, *, seed: int = 1, block_std: float = 0.05, **overrides):
+    """A PeftModel with MiSS ``variant`` on every decoder linear layer; blocks set to N(0, block_std) (non-zero, so
+    the adapters matter from the first step). ``base`` is deep-copied; default: ``tiny_llama()``."""
+    from peft import MissConfig, get_peft_model
+
+    base = copy.deepcopy(base) if base is not None else tiny_llama()
+    config = MissConfig(target_modules=TARGETS, **{**VARIANTS[variant], **overrides})
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * block_std)
+    return model
+
+
+def token_batch(seed: int, batch: int = 2, seq: int = 12) -> torch.Tensor:
+    """(batch, seq) random token ids."""
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
