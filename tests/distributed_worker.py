@@ -5,9 +5,10 @@ Started by ``torch.multiprocessing.start_processes(main, args=(world, out_dir), 
 ``r * ROWS : (r + 1) * ROWS`` of the full batch, so the ranks' mean losses average to the full batch's mean loss
 and the synchronised gradients must equal the single-process gradients of the full batch.
 
-Saved to ``out_dir/rank{r}.pt``: for each case ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2") the
-loss on this rank's rows, the full (gathered) gradient of every trainable parameter after one backward, and the
-full trainable parameters after one SGD step; plus how many bonekern calls the accelerated PEFT layers made.
+Saved to ``out_dir/rank{r}.pt``: for each case ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2",
+"llama-fsdp2-late": accelerate after fully_shard) the loss on this rank's rows, the full (gathered) gradient of
+every trainable parameter after one backward, and the full trainable parameters after one SGD step; how many
+bonekern calls the accelerated PEFT layers made; what accelerate / restore do with layers FSDP2 re-classed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from bonekern.integrations.peft import accelerate, restore
 
 ROWS = 2  # rows of the batch per rank
 LR = 0.1
@@ -53,15 +56,34 @@ def bone_net_loss(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torc
     return nn.functional.mse_loss(net(x), target)
 
 
-def llama(variant: str = "bone") -> nn.Module:
+def llama(variant: str = "bone", accelerated: bool = True) -> nn.Module:
     """The tiny local Llama with PEFT MiSS on every decoder linear layer, accelerated by bonekern."""
     from integration_models import miss_model, tiny_llama
 
-    from bonekern.integrations.peft import accelerate
-
     model = miss_model(variant, tiny_llama())
-    accelerate(model)
+    if accelerated:
+        accelerate(model)
     return model
+
+
+def _sharded_layer_classes() -> dict:
+    """fully_shard on a MiSS layer itself changes its class (FSDP<cls>): accelerate must come first, and restore
+    must keep FSDP's class. Records what accelerate / restore did in both orders."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    model = llama()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    fully_shard(layer)
+    out["accelerated_then_sharded"] = type(layer).__name__
+    out["restored"] = restore(model)
+    out["restored_class"] = type(layer).__name__
+    out["restored_backend"] = layer._bonekern_backend
+    model = llama(accelerated=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    fully_shard(layer)
+    out["sharded_then_accelerated_kept"] = accelerate(model).kept
+    return out
 
 
 def llama_batch(world: int) -> torch.Tensor:
@@ -134,6 +156,16 @@ def main(rank: int, world: int, out_dir: str) -> None:
         fully_shard(model)
         results["llama-fsdp2"] = _step(model, llama_loss(model, ids[rows]))
         results["bonekern_calls"] = counter[0]
+
+        model = llama(accelerated=False)  # the Trainer order: shard the decoder layers first, then accelerate
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        results["late_report"] = str(accelerate(model))
+        results["llama-fsdp2-late"] = _step(model, llama_loss(model, ids[rows]))
+        results["bonekern_calls_late"] = counter[0] - results["bonekern_calls"]
+
+        results["classes"] = _sharded_layer_classes()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

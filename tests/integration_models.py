@@ -23,7 +23,7 @@ VOCAB = 64
 
 
 def tiny_llama(layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A LlamaForCausalLM with hidden 48, MLP 96, 4 heads of 12 (2 KV heads), vocabulary 64."""
+    """A LlamaForCausalLM with hidden 48, MLP 96, 4 heads of 12 (2 KV heads), vocabulary 64, biased linear layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -34,9 +34,16 @@ def tiny_llama(layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float3
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        attention_bias=True,
+        mlp_bias=True,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # transformers zero-initialises biases; make them matter
+    return model.to(dtype)
 
 
 def miss_model(variant: str, base: nn.Module | None = None, *, seed: int = 1, block_std: float = 0.05, **overrides):

@@ -60,7 +60,7 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
     references = {"bonenet": one_process(worker.bone_net(), worker.bone_net_loss, x, target)}
     references["llama"] = one_process(worker.llama(), worker.llama_loss, worker.llama_batch(WORLD))
 
-    for case in ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2"):
+    for case in ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2", "llama-fsdp2-late"):
         reference = references[case.split("-")[0]]
         mean_loss = sum(r[case]["loss"] for r in ranks) / WORLD
         assert_close_to_reference(mean_loss, reference["loss"], torch.float32, f"{case} loss")
@@ -74,5 +74,15 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
                 assert_close_to_reference(
                     result[case]["params"][name], param, torch.float32, f"{case} rank {rank} {name}"
                 )
-    for rank, result in enumerate(ranks):
-        assert result["bonekern_calls"] == 2 * 14, rank  # every MiSS layer ran bonekern under DDP and FSDP2
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    for result in ranks:
+        assert result["bonekern_calls"] == 2 * 14  # every MiSS layer ran bonekern under DDP and FSDP2
+        assert result["bonekern_calls_late"] == 14
+        assert "14 of 14 MiSS layers switched" in result["late_report"]
+        classes = result["classes"]
+        assert classes["accelerated_then_sharded"] == "FSDPBonekernMissLinear"
+        assert classes["restored"] == 14
+        assert classes["restored_class"] == "FSDPBonekernMissLinear"  # FSDP's class kept ...
+        assert classes["restored_backend"] is None  # ... and switched off: PEFT's forward
+        kept = classes["sharded_then_accelerated_kept"]
+        assert list(kept) == [q_proj] and "call accelerate first" in kept[q_proj]

@@ -71,13 +71,17 @@ def sgd_run(model, steps: int, lr: float = 0.1):
     return torch.stack(losses), grads, {n: p.detach().clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_training_matches_peft(base, calls, variant):
+@pytest.mark.parametrize(
+    ("variant", "bias"), [("bone", "none"), ("mini", "none"), ("bat", "none"), ("bone", "all"), ("bat", "all")]
+)
+def test_training_matches_peft(base, calls, variant, bias):
+    """A few SGD steps; bias="all" also trains the base layers' biases (bonekern computes their gradients)."""
     steps = 3
-    peft_model = miss_model(variant, base)
+    peft_model = miss_model(variant, base, bias=bias)
     losses_p, grads_p, final_p = sgd_run(peft_model, steps)
+    assert any(name.endswith("proj.base_layer.bias") for name in grads_p[0]) == (bias == "all")
 
-    model = miss_model(variant, base)
+    model = miss_model(variant, base, bias=bias)
     report = accelerate(model)
     assert len(report.switched) == LAYERS and not report.kept and not report.will_fall_back
     assert all(type(m) is BonekernMissLinear for m in miss_layers(model))

@@ -205,8 +205,8 @@ def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple
             return f"miss_dropout ({dropout}) in training mode; bonekern fuses no dropout"
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         return f"x is {getattr(x, 'dtype', type(x).__name__)}, not a float tensor"
-    if x.device != weight.device:
-        return f"x is on {x.device}, the base weight on {weight.device}"
+    if x.device != weight.device or block.device != weight.device:
+        return f"x is on {x.device}, the adapter on {block.device}, the base weight on {weight.device}"
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         tensors = (x, weight, block) if bias is None else (x, weight, block, bias)
         if any(t.dtype not in _AUTOCAST_DTYPES for t in tensors):
