@@ -74,3 +74,22 @@ def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def grad_errors(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Relative errors of ``grads`` against float64 ``reference`` gradients: (all tensors together, worst tensor).
+
+    ``||g - g_ref|| / ||g_ref||``. The aggregate is dominated by the large gradients; the worst single tensor is
+    usually one with a tiny gradient, where half-precision noise is relatively largest.
+    """
+    diff = torch.cat([(grads[n].double() - r).flatten() for n, r in reference.items()])
+    total = torch.cat([r.flatten() for r in reference.values()])
+    worst = max(((grads[n].double() - r).norm() / r.norm()).item() for n, r in reference.items())
+    return (diff.norm() / total.norm()).item(), worst
+
+
+def assert_as_accurate_as(ours: tuple[float, float], theirs: tuple[float, float], what: str) -> None:
+    """Two half-precision computations of the same gradients, each compared with float64: ours must be about as
+    accurate as theirs overall (1.5x), and no tensor may be far off (3x their worst tensor; a wrong tensor is ~1)."""
+    assert ours[0] <= 1.5 * theirs[0], f"{what}: overall error {ours[0]:.3e} vs {theirs[0]:.3e}"
+    assert ours[1] <= 3 * theirs[1], f"{what}: worst tensor error {ours[1]:.3e} vs {theirs[1]:.3e}"

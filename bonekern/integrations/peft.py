@@ -212,8 +212,10 @@ def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple
         if any(t.dtype not in _AUTOCAST_DTYPES for t in tensors):
             return "float64 tensors under torch.autocast"
         return None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if weight.dtype != x.dtype:
         return f"x is {x.dtype} but the base layer is {weight.dtype}"
+    if bias is not None and bias.dtype != x.dtype:
+        return f"x and the base weight are {x.dtype} but the base bias is {bias.dtype}"
     if not getattr(layer, "cast_input_dtype_enabled", True) and block.dtype != x.dtype:
         return f"input dtype casting is disabled and x is {x.dtype} while the adapter is {block.dtype}"
     return None
@@ -236,8 +238,8 @@ class BonekernMissLinear(MissLinear):
     API) is MissLinear's. Made only by :func:`accelerate` (a class change, never constructed directly).
 
     Instance attributes set by :func:`accelerate`: ``_bonekern_backend`` (the backend name; None after
-    :func:`restore` when the class could not be changed back),
-    ``_bonekern_name`` (the layer's qualified name, for warnings) and ``_bonekern_warned`` (reasons already warned).
+    :func:`restore` when the class could not be changed back), ``_bonekern_name`` (the layer's qualified name, for
+    warnings) and ``_bonekern_warned`` (the reasons already warned about).
     """
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
