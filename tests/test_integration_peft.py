@@ -31,6 +31,8 @@ from peft.tuners.miss import MissLinear
 
 import bonekern
 import bonekern.integrations.peft as bk_peft
+from bonekern import BackendUnavailableError
+from bonekern.backends import BACKEND_NAMES, unavailable_reason
 from bonekern.integrations.peft import (
     BonekernMissLinear,
     FallbackWarning,
@@ -357,6 +359,27 @@ def test_cpu_autocast_output_dtype_matches_peft(base, calls):
     assert calls.n == 1
     assert y.dtype == y_peft.dtype == torch.float32  # PEFT casts back to x's dtype
     assert_close_to_reference(y, y_peft.double(), torch.bfloat16, "autocast y")
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_backend_passes_through(base, monkeypatch, backend):
+    """A backend that runs here serves every layer; one that does not fails in accelerate, switching nothing."""
+    used = []
+    real = bk_peft.bone_linear
+    monkeypatch.setattr(bk_peft, "bone_linear", lambda *a, **kw: used.append(kw["backend"]) or real(*a, **kw))
+    peft_model, model = miss_model("bat", base), miss_model("bat", base)
+    reason = unavailable_reason(backend, "cpu")
+    if reason is not None:
+        with pytest.raises(BackendUnavailableError, match=backend):
+            accelerate(model, backend=backend)
+        assert not any(isinstance(layer, BonekernMissLinear) for layer in miss_layers(model))
+        return
+    accelerate(model, backend=backend)
+    ids = token_batch(10)
+    assert_close_to_reference(
+        model(input_ids=ids).logits, peft_model(input_ids=ids).logits, torch.float32, f"logits ({backend})"
+    )
+    assert used == [backend] * LAYERS
 
 
 def test_bad_arguments():

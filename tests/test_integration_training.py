@@ -1,5 +1,5 @@
 """An accelerated PEFT MiSS model in PyTorch training machinery: torch.compile(fullgraph=True), activation
-checkpointing (reentrant and not) and CPU autocast to bf16."""
+checkpointing (reentrant and not; BoneLinear too) and CPU autocast to bf16."""
 
 from __future__ import annotations
 
@@ -101,6 +101,33 @@ def test_activation_checkpointing_gives_the_same_gradients(calls, reentrant):
     calls.n = 0
     assert_same(loss_and_grads(checkpointed, ids), expected)
     assert calls.n == 2 * LAYERS  # every layer ran again in backward: checkpointing really happened
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bonelinear_under_activation_checkpointing(variant, reentrant):
+    """torch.utils.checkpoint around BoneLinear layers: same output and gradients (x's included), recomputed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from bonekern import BoneLinear
+
+    torch.manual_seed(0)
+    mini_r = {"mini_r": 8} if variant == "mini" else {}
+    first = BoneLinear(24, 32, 8 if variant == "bat" else 5, variant=variant, **mini_r)
+    second = BoneLinear(32, 16, 8, variant=variant, **mini_r)
+    for layer in (first, second):
+        torch.nn.init.normal_(layer.block, std=0.1)
+    stack = torch.nn.Sequential(first, torch.nn.GELU(), second)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    results = []
+    for use_checkpoint in (False, True):
+        stack.zero_grad()
+        x.grad = None
+        y = checkpoint(stack, x, use_reentrant=reentrant) if use_checkpoint else stack(x)
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad.clone(), first.block.grad.clone(), second.block.grad.clone()])
+    for actual, expected, what in zip(results[1], results[0], ["y", "dx", "dblock 1", "dblock 2"], strict=True):
+        assert_close_to_reference(actual, expected, torch.float32, what)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -43,6 +43,7 @@ except ImportError as error:  # pragma: no cover - exercised only without peft >
     ) from error
 
 from ..backends import check_backend_name
+from ..dispatch import require_available
 from ..functional import bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
@@ -304,7 +305,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ValueError: ``model`` holds no MiSS layer; TypeError /
-        ValueError: ``backend`` is not a backend name.
+        ValueError: ``backend`` is not a backend name; :class:`bonekern.BackendUnavailableError`: the named
+        backend cannot run on the layers' device (nothing is switched then).
     """
     backend = check_backend_name(backend)
     layers = _miss_layers(model)
@@ -313,9 +315,14 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
             "model has no PEFT MiSS layers (peft.tuners.miss.MissLayer); build it with "
             "get_peft_model(base_model, MissConfig(...)) first"
         )
+    reasons = {name: _layer_reason(layer) for name, layer in layers}
+    if backend != "auto":  # fail before switching anything, not at the first forward
+        for device in {layer.base_layer.weight.device for name, layer in layers if reasons[name] is None}:
+            if device.type != "meta":
+                require_available(backend, device)
     report = AccelerateReport(backend=backend)
     for name, layer in layers:
-        reason = _layer_reason(layer)
+        reason = reasons[name]
         if reason is not None:
             report.kept[name] = reason
             continue
