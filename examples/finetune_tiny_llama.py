@@ -7,7 +7,7 @@ as the adapters learn.
 
     python examples/finetune_tiny_llama.py                       # bone, 300 steps, bonekern
     python examples/finetune_tiny_llama.py --variant bat --steps 100
-    python examples/finetune_tiny_llama.py --compare-peft        # also time PEFT's own forward on the same run
+    python examples/finetune_tiny_llama.py --compare-peft        # PEFT's own forward side by side, same batches
 
 The one line that matters is ``bonekern.integrations.peft.accelerate(model)``.
 """
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bonekern", action="store_true", help="train with PEFT's own forward only")
-    p.add_argument("--compare-peft", action="store_true", help="run again with PEFT's own forward and compare")
+    p.add_argument("--compare-peft", action="store_true", help="also train with PEFT's own forward, side by side")
     return p.parse_args(argv)
 
 
@@ -72,34 +72,46 @@ def progressions(args: argparse.Namespace, generator: torch.Generator) -> torch.
     return ((start + step * torch.arange(args.seq)) % args.vocab).to(args.device)
 
 
-def train(model: torch.nn.Module, args: argparse.Namespace, label: str) -> dict:
-    """AdamW on the adapters for ``args.steps`` steps; returns the losses and the throughput."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+def train(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, dict]:
+    """AdamW on the adapters for ``args.steps`` steps, every model on the same batches. Several models train side by
+    side, one step each in turn, so a shared, noisy machine slows them alike. Returns losses and throughput."""
+    optimizers = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr) for k, m in models.items()
+    }
     generator = torch.Generator().manual_seed(args.seed + 1)
-    losses: list[float] = []
-    tokens = 0
-    elapsed = 0.0
-    bar = tqdm(range(args.steps), desc=label, unit="step")
+    stats = {k: {"losses": [], "tokens": 0, "elapsed": 0.0} for k in models}
+    bar = tqdm(range(args.steps), desc="fine-tuning", unit="step")
     for step in bar:
         ids = progressions(args, generator)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # synchronises the device before the clock stops
-        if step > 0:  # the first step pays one-time costs (allocations, lazy init)
-            elapsed += time.perf_counter() - start
-            tokens += ids.numel()
-        losses.append(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:,.0f}" if elapsed else "-")
+        for label, model in models.items():
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizers[label].step()
+            optimizers[label].zero_grad(set_to_none=True)
+            loss_value = loss.item()  # synchronises the device before the clock stops
+            run = stats[label]
+            if step > 0:  # the first step pays one-time costs (allocations, lazy init)
+                run["elapsed"] += time.perf_counter() - start
+                run["tokens"] += ids.numel()
+            run["losses"].append(loss_value)
+        bar.set_postfix(
+            {
+                label: f"loss {run['losses'][-1]:.3f}, {run['tokens'] / run['elapsed']:,.0f} tok/s"
+                if run["elapsed"]
+                else f"loss {run['losses'][-1]:.3f}"
+                for label, run in stats.items()
+            }
+        )
     window = max(1, min(10, args.steps // 4))
     return {
-        "losses": losses,
-        "first_loss": sum(losses[:window]) / window,
-        "last_loss": sum(losses[-window:]) / window,
-        "tokens_per_s": tokens / elapsed if elapsed else float("nan"),
+        label: {
+            "losses": run["losses"],
+            "first_loss": sum(run["losses"][:window]) / window,
+            "last_loss": sum(run["losses"][-window:]) / window,
+            "tokens_per_s": run["tokens"] / run["elapsed"] if run["elapsed"] else float("nan"),
+        }
+        for label, run in stats.items()
     }
 
 
@@ -109,19 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
     config = MissConfig(
         r=args.r, init_weights=INIT_WEIGHTS[args.variant], mini_r=args.mini_r, target_modules="all-linear"
     )
-    runs = (
-        [("peft", True)]
-        if args.no_bonekern
-        else [("bonekern", False)] + ([("peft", True)] if args.compare_peft else [])
-    )
-    results = {}
-    for label, peft_only in runs:
-        model = get_peft_model(copy.deepcopy(base), config)
-        if not peft_only:
-            print(accelerate(model, backend=args.backend))  # the one line
-        results[label] = train(model, args, label)
+    labels = ["peft"] if args.no_bonekern else ["bonekern"] + (["peft"] if args.compare_peft else [])
+    models = {}
+    for label in labels:
+        models[label] = get_peft_model(copy.deepcopy(base), config)
+        if label == "bonekern":
+            print(accelerate(models[label], backend=args.backend))  # the one line
+    results = train(models, args)
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in models[labels[0]].parameters() if p.requires_grad)
     print(
         f"Llama {args.layers} x {args.hidden} (vocab {args.vocab}), MiSS {args.variant} r={args.r}, "
         f"{trainable:,} trainable parameters; batch {args.batch} x {args.seq} tokens, {args.dtype}, {args.device}"
