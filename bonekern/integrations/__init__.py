@@ -1,0 +1,4 @@
+"""Integrations with training stacks. Each submodule imports its framework lazily, on its own import:
+
+- :mod:`bonekern.integrations.peft` — ``accelerate(peft_model)`` runs PEFT MiSS layers on bonekern, in place.
+"""

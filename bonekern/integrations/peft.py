@@ -1,0 +1,398 @@
+"""Run PEFT MiSS models on bonekern, in place: ``accelerate(model)``, ``restore(model)``, ``accelerated(model)``.
+
+``accelerate`` turns every PEFT ``MissLinear`` it can serve into a :class:`BonekernMissLinear`, a subclass whose
+only change is ``forward``: the adapted linear layer runs as one :func:`bonekern.bone_linear` call on the layer's
+base weight, bias and ``miss_block[adapter]``. The switch is a class change, so the module tree, parameters,
+state_dict keys, ``save_pretrained`` / ``from_pretrained``, ``merge`` / ``merge_and_unload`` and the adapter API
+(``set_adapter``, ``disable_adapter``, ``add_adapter``, ...) are PEFT's own, untouched. ``restore`` changes the
+class back.
+
+Semantics follow PEFT's ``MissLinear.forward`` (peft >= 0.17): bone (``init_weights=True`` or ``False``), mini and
+bat; bias; the output in x's dtype (under ``torch.autocast`` too); merged or disabled adapters run PEFT's own
+forward (a plain linear layer, nothing to fuse). Adapter terms are computed in float32 as in PEFT's default
+(float32 adapters); for half-precision adapters PEFT computes them in half precision and bonekern still in float32
+(more accurate, equal within half-precision tolerance). bat builds W' in float32 and runs its GEMM in x's dtype,
+where PEFT runs it in float32; the difference is within x's dtype's tolerance.
+
+What bonekern does not serve runs PEFT's own forward, with a one-time warning (:class:`FallbackWarning`) naming the
+layer and the reason: layers that cannot be switched (quantised or non-``nn.Linear`` base layers, nested tuner
+layers, subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served
+(``miss_dropout > 0`` in training mode on bone/mini, several active adapters on one layer, extra forward
+arguments, x's dtype or device differing from the weight's, hooks on the base layer that must see its own call,
+disabled input casting with mixed dtypes). Under ``torch.compile`` the per-call warning is skipped (a warning would
+break the graph); ``accelerate`` already warns about the configurations that will fall back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from peft.tuners.miss.layer import MissLayer, MissLinear
+except ImportError as error:  # pragma: no cover - exercised only without peft >= 0.17
+    raise ImportError(
+        "bonekern.integrations.peft needs peft >= 0.17 (MissConfig / MissLinear); install it with "
+        "`pip install 'bonekern[peft]'`"
+    ) from error
+
+from ..backends import check_backend_name
+from ..dispatch import require_available
+from ..functional import bone_linear
+from ..validation import FLOAT_DTYPES
+from ..variants import spec_from_block
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AccelerateReport",
+    "BonekernMissLinear",
+    "FallbackWarning",
+    "accelerate",
+    "accelerated",
+    "restore",
+]
+
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+class FallbackWarning(UserWarning):
+    """A MiSS layer (or one call of it) runs PEFT's own forward instead of bonekern; the message says why."""
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did.
+
+    Attributes:
+        switched: names of the layers now running bonekern (already switched ones included).
+        kept: layer name -> why it keeps PEFT's forward.
+        will_fall_back: layer name -> a configuration under which a switched layer runs PEFT's forward at call time
+            (e.g. ``miss_dropout > 0`` while training).
+        backend: the bonekern backend the switched layers use.
+    """
+
+    switched: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    will_fall_back: dict[str, str] = field(default_factory=dict)
+    backend: str = "auto"
+
+    def __str__(self) -> str:
+        total = len(self.switched) + len(self.kept)
+        lines = [
+            f"bonekern: {len(self.switched)} of {total} MiSS layers switched to bonekern (backend={self.backend!r})"
+        ]
+        for reason, names in _group(self.kept).items():
+            lines.append(f"  {len(names)} kept on PEFT's forward ({reason}): {_names(names)}")
+        for reason, names in _group(self.will_fall_back).items():
+            lines.append(f"  {len(names)} will run PEFT's forward when {reason}: {_names(names)}")
+        return "\n".join(lines)
+
+
+def _group(reasons: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        grouped.setdefault(reason, []).append(name)
+    return grouped
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What can be served
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _variant(layer: MissLinear) -> str | None:
+    """bonekern's variant name for PEFT's ``miss_fn`` (its ``init_weights``), or None when unknown."""
+    fn = layer.miss_fn
+    if fn is True or fn is False:  # False: bone with PEFT's random (kaiming) init
+        return "bone"
+    if fn in ("bat", "mini"):
+        return fn
+    return None
+
+
+def _layer_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a MissLayer) cannot be switched, or None when it can."""
+    if type(layer) is not MissLinear and not isinstance(layer, BonekernMissLinear):
+        hint = (
+            " (a wrapper derived it, e.g. FSDP2's fully_shard: call accelerate first)"
+            if isinstance(layer, MissLinear)
+            else ""
+        )
+        return f"layer class {type(layer).__name__} is not peft's MissLinear{hint}"
+    quantization = getattr(layer, "quantization_backend", None)  # peft >= 0.21; older peft: caught below
+    if quantization is not None:
+        return f"quantised base layer ({getattr(quantization, 'backend_name', type(quantization).__name__)})"
+    base = layer.base_layer
+    if base is not layer.get_base_layer():
+        return f"nested tuner layer (base layer is a {type(base).__name__})"
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"base layer is a {type(base).__name__}, not a plain torch.nn.Linear"
+    if not isinstance(base.weight, Tensor) or base.weight.dtype not in FLOAT_DTYPES:
+        return f"base weight dtype {getattr(base.weight, 'dtype', None)} is not a float dtype bonekern computes with"
+    variant = _variant(layer)
+    if variant is None:
+        return f"unknown MiSS variant init_weights={layer.miss_fn!r}"
+    for adapter, block in layer.miss_block.items():
+        mini_r = layer.miss_mini_r.get(adapter) if variant == "mini" else None
+        try:
+            spec_from_block(variant, tuple(base.weight.shape), tuple(block.shape), mini_r)
+        except (TypeError, ValueError) as error:
+            return f"adapter {adapter!r} does not fit variant {variant!r}: {error}"
+        if block.dtype not in FLOAT_DTYPES:
+            return f"adapter {adapter!r} has dtype {block.dtype}"
+    return None
+
+
+def _dropout_p(layer: MissLinear, adapter: str) -> float | None:
+    """The adapter's dropout probability; None when the dropout module is not one PEFT creates."""
+    dropout = layer.miss_dropout[adapter]
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        return dropout.p
+    return None
+
+
+def _config_fallback(layer: MissLinear) -> str | None:
+    """A configuration (known now) under which this switched layer will run PEFT's forward at call time."""
+    adapters = [a for a in layer.active_adapters if a in layer.miss_block]
+    if len(adapters) > 1:
+        return f"{len(adapters)} adapters are active on one layer (bonekern serves one)"
+    if _variant(layer) != "bat":
+        ps = {a: _dropout_p(layer, a) for a in layer.miss_block}
+        risky = {a: p for a, p in ps.items() if p is None or p > 0}
+        if risky:
+            return f"training with miss_dropout {risky} (bonekern fuses no dropout)"
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    if any(getattr(module, name) for name in _MODULE_HOOKS):
+        return True
+    return any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
+
+
+def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple, kwargs: dict) -> str | None:
+    """Why this call cannot run on bonekern (None when it can). Pure Python on metadata: torch.compile traces it."""
+    base = layer.base_layer
+    weight, bias, block = base.weight, base.bias, layer.miss_block[adapter]
+    if args or kwargs:
+        return "extra forward arguments for the base layer"
+    if _has_hooks(base):
+        return "the base layer has hooks that must see its own call"
+    if layer.miss_fn != "bat":  # PEFT's bat ignores miss_dropout
+        dropout = layer.miss_dropout[adapter]
+        p = _dropout_p(layer, adapter)
+        if p is None or (p > 0 and dropout.training):
+            return f"miss_dropout ({dropout}) in training mode; bonekern fuses no dropout"
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+        return f"x is {getattr(x, 'dtype', type(x).__name__)}, not a float tensor"
+    if x.device != weight.device or block.device != weight.device:
+        return f"x is on {x.device}, the adapter on {block.device}, the base weight on {weight.device}"
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        tensors = (x, weight, block) if bias is None else (x, weight, block, bias)
+        if any(t.dtype not in _AUTOCAST_DTYPES for t in tensors):
+            return "float64 tensors under torch.autocast"
+        return None
+    if weight.dtype != x.dtype:
+        return f"x is {x.dtype} but the base layer is {weight.dtype}"
+    if bias is not None and bias.dtype != x.dtype:
+        return f"x and the base weight are {x.dtype} but the base bias is {bias.dtype}"
+    if not getattr(layer, "cast_input_dtype_enabled", True) and block.dtype != x.dtype:
+        return f"input dtype casting is disabled and x is {x.dtype} while the adapter is {block.dtype}"
+    return None
+
+
+def _warn_once(layer: BonekernMissLinear, reason: str) -> None:
+    if torch.compiler.is_compiling() or reason in layer._bonekern_warned:
+        return
+    layer._bonekern_warned.add(reason)
+    warnings.warn(f"bonekern: {layer._bonekern_name} runs PEFT's own forward: {reason}", FallbackWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The switched layer
+# ------------------------------------------------------------------------------------------------------------
+
+
+class BonekernMissLinear(MissLinear):
+    """PEFT's ``MissLinear`` with its forward on bonekern; everything else (parameters, state_dict, merge, adapter
+    API) is MissLinear's. Made only by :func:`accelerate` (a class change, never constructed directly).
+
+    Instance attributes set by :func:`accelerate`: ``_bonekern_backend`` (the backend name; None after
+    :func:`restore` when the class could not be changed back), ``_bonekern_name`` (the layer's qualified name, for
+    warnings) and ``_bonekern_warned`` (the reasons already warned about).
+    """
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """(..., K) -> (..., N) in x's dtype: ``bone_linear(x, W, miss_block[adapter], b)``, or PEFT's forward."""
+        if self._bonekern_backend is None:  # restored while a wrapper's class derived from ours (see restore)
+            return MissLinear.forward(self, x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return MissLinear.forward(self, x, *args, **kwargs)  # a plain linear layer: nothing to fuse
+        adapters = [a for a in self.active_adapters if a in self.miss_block]
+        if not adapters:
+            return MissLinear.forward(self, x, *args, **kwargs)  # no adapter on this layer: a plain linear layer
+        if len(adapters) > 1:
+            reason = f"{len(adapters)} active adapters {adapters} (bonekern serves one)"
+        else:
+            reason = _call_reason(self, adapters[0], x, args, kwargs)
+        if reason is not None:
+            _warn_once(self, reason)
+            return MissLinear.forward(self, x, *args, **kwargs)
+        adapter = adapters[0]
+        block = self.miss_block[adapter]
+        variant = _variant(self)
+        y = bone_linear(
+            x,
+            self.base_layer.weight,
+            block,
+            self.base_layer.bias,
+            variant=variant,
+            mini_r=block.shape[1] if variant == "mini" else None,
+            backend=self._bonekern_backend,
+        )
+        return y.to(x.dtype)  # under autocast bone_linear returns the autocast dtype; PEFT returns x's dtype
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        ours = f"bonekern_backend={self._bonekern_backend!r}"
+        return f"{own}, {ours}" if own else ours
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _miss_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a PeftModel with MiSS adapters); got {type(model).__name__}")
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MissLayer)]
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
+    """Switch every PEFT MiSS layer of ``model`` that bonekern can serve to bonekern, in place.
+
+    Args:
+        model: a ``PeftModel`` (or any module) holding PEFT MiSS layers (``MissConfig``, peft >= 0.17).
+        backend: passed to :func:`bonekern.bone_linear` on every call ("auto", "torch", "triton", "cupy",
+            "reference"). Calling ``accelerate`` again on a switched model changes the backend.
+
+    Returns:
+        An :class:`AccelerateReport` (also logged at INFO on the ``bonekern.integrations.peft`` logger): which layers
+        were switched, which were kept on PEFT's forward and why, and which will fall back under some configuration.
+        Each kept / will-fall-back reason is also warned once (:class:`FallbackWarning`).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: ``model`` holds no MiSS layer; TypeError /
+        ValueError: ``backend`` is not a backend name; :class:`bonekern.BackendUnavailableError`: the named
+        backend cannot run on the layers' device (nothing is switched then).
+    """
+    backend = check_backend_name(backend)
+    layers = _miss_layers(model)
+    if not layers:
+        raise ValueError(
+            "model has no PEFT MiSS layers (peft.tuners.miss.MissLayer); build it with "
+            "get_peft_model(base_model, MissConfig(...)) first"
+        )
+    reasons = {name: _layer_reason(layer) for name, layer in layers}
+    if backend != "auto":  # fail before switching anything, not at the first forward
+        for device in {layer.base_layer.weight.device for name, layer in layers if reasons[name] is None}:
+            if device.type != "meta":
+                require_available(backend, device)
+    report = AccelerateReport(backend=backend)
+    for name, layer in layers:
+        reason = reasons[name]
+        if reason is not None:
+            report.kept[name] = reason
+            continue
+        if not isinstance(layer, BonekernMissLinear):
+            layer.__class__ = BonekernMissLinear
+            layer._bonekern_warned = set()
+        layer._bonekern_backend = backend
+        layer._bonekern_name = name
+        report.switched.append(name)
+        later = _config_fallback(layer)
+        if later is not None:
+            report.will_fall_back[name] = later
+    logger.info("%s", report)
+    for reason, names in _group(report.kept).items():
+        warnings.warn(
+            f"bonekern: {len(names)} MiSS layer(s) keep PEFT's forward ({reason}): {_names(names)}",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    for reason, names in _group(report.will_fall_back).items():
+        warnings.warn(
+            f"bonekern: {len(names)} MiSS layer(s) will run PEFT's forward when {reason}: {_names(names)}",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def restore(model: nn.Module) -> int:
+    """Give every switched layer of ``model`` PEFT's own forward back (undoes :func:`accelerate`); returns how many.
+
+    A layer whose class is exactly :class:`BonekernMissLinear` becomes a ``MissLinear`` again. A layer whose class a
+    wrapper derived from ours after ``accelerate`` (FSDP2's ``fully_shard`` makes ``FSDPBonekernMissLinear``) keeps
+    that class, which the wrapper needs, and is switched off instead: its forward is PEFT's from then on.
+    """
+    count = 0
+    for _, layer in _miss_layers(model):
+        if _backend_of(layer) is not None:
+            _restore_layer(layer)
+            count += 1
+    return count
+
+
+def _restore_layer(layer: BonekernMissLinear) -> None:
+    if type(layer) is BonekernMissLinear:
+        layer.__class__ = MissLinear
+        for attribute in ("_bonekern_backend", "_bonekern_name", "_bonekern_warned"):
+            layer.__dict__.pop(attribute, None)
+    else:
+        layer._bonekern_backend = None
+
+
+def _backend_of(layer: nn.Module) -> str | None:
+    """The backend a layer runs on bonekern with, or None when it runs PEFT's forward."""
+    return layer._bonekern_backend if isinstance(layer, BonekernMissLinear) else None
+
+
+@contextlib.contextmanager
+def accelerated(model: nn.Module, *, backend: str = "auto") -> Iterator[AccelerateReport]:
+    """``with accelerated(model) as report:`` runs the block on bonekern; on exit every MiSS layer is back in the
+    state it had before (PEFT's forward, or the backend an earlier :func:`accelerate` gave it)."""
+    before = {id(layer): _backend_of(layer) for _, layer in _miss_layers(model)}
+    report = accelerate(model, backend=backend)
+    try:
+        yield report
+    finally:
+        for _, layer in _miss_layers(model):
+            if _backend_of(layer) is None or id(layer) not in before:
+                continue
+            if before[id(layer)] is None:
+                _restore_layer(layer)
+            else:
+                layer._bonekern_backend = before[id(layer)]
