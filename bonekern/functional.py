@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.bonekern.*)
 from .backends import check_backend_name
 from .backends.pytorch import bat_weight
 from .dispatch import require_available
+from .ops import bat_linear_2d, bone_linear_2d
 from .validation import FLOAT_DTYPES, check_linear_args, check_weight_and_block, delta_dtype
 from .variants import AdapterSpec
 
@@ -64,9 +64,9 @@ def bone_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, spec.in_features)
     if spec.variant == "bat":
-        y = torch.ops.bonekern.bat_forward(x2d, weight, block, bias, backend)
+        y = bat_linear_2d(x2d, weight, block, bias, backend)
     else:
-        y, _ = torch.ops.bonekern.bone_forward(x2d, weight, block, bias, backend)
+        y = bone_linear_2d(x2d, weight, block, bias, backend)
     return y.reshape(*lead, spec.out_features)
 
 

@@ -1,4 +1,5 @@
-"""The ``torch.ops.bonekern`` custom operators, their fake (meta) implementations and their autograd.
+"""The ``torch.ops.bonekern`` custom operators, their fake (meta) implementations, their autograd, and the
+eager fast path that computes exactly the same thing with less Python overhead.
 
 Four ops, all on 2-D x (M, K); the public functions in :mod:`bonekern.functional` flatten and validate:
 
@@ -12,6 +13,14 @@ Gradients that are not needed come back as empty tensors (custom ops cannot retu
 resolved at run time by :mod:`bonekern.dispatch`, so ``torch.compile`` sees one opaque op per call, with no graph
 break, and tuning never runs while tracing.
 
+Two entry paths, one implementation. :func:`bone_linear_2d` and :func:`bat_linear_2d` call the custom ops
+whenever anything may be tracing: under ``torch.compile``/export, and for fake, meta or other tensor subclasses.
+A plain eager call with ordinary tensors instead goes through :class:`BoneFunction` / :class:`BatFunction`,
+``torch.autograd.Function`` s that run the very same ``*_impl`` functions, save the same tensors and apply the
+same gradient code below: the custom-op dispatch and ``register_autograd`` machinery cost about 180 us per
+forward+backward on a CPU core (measured: 281 us vs 102 us for a 16 x 64 x 64 layer), which a training step
+pays once per adapted layer. Tests check that both paths give bitwise-identical outputs and gradients.
+
 What autograd keeps between forward and backward (besides references to the weight, block and bias
 parameters, which are alive anyway and cost no memory):
 
@@ -22,6 +31,8 @@ parameters, which are alive anyway and cost no memory):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -31,7 +42,16 @@ from .backends.pytorch import bat_weight_grad
 from .profiling import nvtx_range
 from .validation import delta_dtype
 
+EAGER_FAST_PATH = True
+"""Run plain eager calls through the autograd Functions (see the module docstring). Set False to send every
+call through the custom ops (for debugging; the results are identical)."""
+
 _EMPTY = (0,)
+GradFn = Callable[..., tuple[Tensor | None, Tensor | None]]
+
+
+def _use_eager_path(x: Tensor) -> bool:
+    return EAGER_FAST_PATH and type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
 
 
 def _none_to_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -45,19 +65,106 @@ def _run(op: str, backend_name: str, m: int, weight: Tensor, block: Tensor, dtyp
         return getattr(backend, op)(*args, config)
 
 
+def _bias_grad(dy: Tensor, bias_dtype: torch.dtype) -> Tensor:
+    return dy.sum(0, dtype=delta_dtype(dy.dtype, torch.float32)).to(bias_dtype)
+
+
 # ------------------------------------------------------------------------------------------------------------
-# bone / mini
+# The implementations: what both paths run.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def bone_forward_impl(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str):
+    """y (M, N) in x's dtype and S (M, r) in the delta dtype, from the dispatched backend."""
+    m = x.shape[0]
+    if m == 0:
+        n, r = weight.shape[0], block.shape[0]
+        return x.new_empty(0, n), x.new_empty(0, r, dtype=delta_dtype(x.dtype, block.dtype))
+    return _run("bone_forward", backend, m, weight, block, x.dtype, x, weight, block, bias)
+
+
+def bone_backward_impl(
+    dy: Tensor, s: Tensor, weight: Tensor, block: Tensor, need_dx: bool, need_dblock: bool, backend: str
+) -> tuple[Tensor | None, Tensor | None]:
+    """dx (M, K) and dblock (r, C), None where not needed."""
+    if dy.shape[0] == 0:
+        dx = dy.new_empty(0, weight.shape[1]) if need_dx else None
+        return dx, (torch.zeros_like(block) if need_dblock else None)
+    return _run(
+        "bone_backward", backend, dy.shape[0], weight, block, dy.dtype, dy, s, weight, block, need_dx, need_dblock
+    )
+
+
+def bat_forward_impl(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    """y (M, N) in x's dtype, from the dispatched backend."""
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, weight.shape[0])
+    return _run("bat_forward", backend, m, weight, block, x.dtype, x, weight, block, bias)
+
+
+def bat_backward_impl(
+    dy: Tensor, x: Tensor, weight: Tensor, block: Tensor, need_dx: bool, need_dblock: bool, backend: str
+) -> tuple[Tensor | None, Tensor | None]:
+    """dx (M, K) and dB (N // r, r, r), None where not needed."""
+    if dy.shape[0] == 0:
+        dx = dy.new_empty(0, weight.shape[1]) if need_dx else None
+        return dx, (torch.zeros_like(block) if need_dblock else None)
+    return _run(
+        "bat_backward", backend, dy.shape[0], weight, block, dy.dtype, dy, x, weight, block, need_dx, need_dblock
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What is saved for backward, and the gradients: shared by both paths.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _bone_save(ctx, x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str, s: Tensor) -> None:
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # Kept for backward: S (M x r). x only when the weight is trainable (dW = dY^T x).
+    ctx.save_for_backward(s, weight, block, x if ctx.needs_input_grad[1] else None)
+
+
+def _bone_grads(ctx, dy: Tensor, backward: GradFn) -> tuple:
+    s, weight, block, x = ctx.saved_tensors
+    need_dx, need_dweight, need_dblock, need_dbias = ctx.needs_input_grad[:4]
+    dx = dblock = None
+    if need_dx or need_dblock:
+        dx, dblock = backward(dy, s, weight, block, need_dx, need_dblock, ctx.backend)
+    dweight = torch.mm(dy.t(), x) if need_dweight else None
+    dbias = _bias_grad(dy, ctx.bias_dtype) if need_dbias else None
+    return dx, dweight, dblock, dbias, None
+
+
+def _bat_save(ctx, x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> None:
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    # Kept for backward: x (M x K) only. W' is rebuilt from W and B in backward, never kept.
+    ctx.save_for_backward(x, weight, block)
+
+
+def _bat_grads(ctx, dy: Tensor, backward: GradFn) -> tuple:
+    x, weight, block = ctx.saved_tensors
+    need_dx, need_dweight, need_dblock, need_dbias = ctx.needs_input_grad[:4]
+    dx = dblock = None
+    if need_dx or need_dblock:
+        dx, dblock = backward(dy, x, weight, block, need_dx, need_dblock, ctx.backend)
+    dweight = bat_weight_grad(dy, x, block, weight.dtype) if need_dweight else None
+    dbias = _bias_grad(dy, ctx.bias_dtype) if need_dbias else None
+    return dx, dweight, dblock, dbias, None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The custom ops (what torch.compile, export, fake and meta tensors see).
 # ------------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("bonekern::bone_forward", mutates_args=())
 def bone_forward(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     """y = x W^T + b + S D (M, N) in x's dtype, and S (M, r) in the delta dtype."""
-    m = x.shape[0]
-    if m == 0:
-        n, r = weight.shape[0], block.shape[0]
-        return x.new_empty(0, n), x.new_empty(0, r, dtype=delta_dtype(x.dtype, block.dtype))
-    return _run("bone_forward", backend, m, weight, block, x.dtype, x, weight, block, bias)
+    return bone_forward_impl(x, weight, block, bias, backend)
 
 
 @bone_forward.register_fake
@@ -74,14 +181,7 @@ def bone_backward(
     dy: Tensor, s: Tensor, weight: Tensor, block: Tensor, need_dx: bool, need_dblock: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """dx (M, K) in dy's dtype and dblock (r, C) in the block's dtype; empty tensors where not needed."""
-    m = dy.shape[0]
-    if m == 0:
-        dx = dy.new_empty(0, weight.shape[1]) if need_dx else None
-        dblock = torch.zeros_like(block) if need_dblock else None
-    else:
-        dx, dblock = _run(
-            "bone_backward", backend, m, weight, block, dy.dtype, dy, s, weight, block, need_dx, need_dblock
-        )
+    dx, dblock = bone_backward_impl(dy, s, weight, block, need_dx, need_dblock, backend)
     return _none_to_empty(dx, dy), _none_to_empty(dblock, block)
 
 
@@ -92,47 +192,28 @@ def _(dy, s, weight, block, need_dx, need_dblock, backend):
     return dx, dblock
 
 
+def _bone_backward_op(dy, s, weight, block, need_dx, need_dblock, backend):
+    dx, dblock = torch.ops.bonekern.bone_backward(dy, s, weight, block, need_dx, need_dblock, backend)
+    return (dx if need_dx else None), (dblock if need_dblock else None)
+
+
 def _bone_setup_context(ctx, inputs, output) -> None:
     x, weight, block, bias, backend = inputs
-    _, s = output
-    ctx.mark_non_differentiable(s)
-    ctx.backend = backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    need_dweight = ctx.needs_input_grad[1]
-    # Kept for backward: S (M x r). x only when the weight is trainable (dW = dY^T x).
-    ctx.save_for_backward(s, weight, block, x if need_dweight else None)
+    ctx.mark_non_differentiable(output[1])
+    _bone_save(ctx, x, weight, block, bias, backend, output[1])
 
 
-def _bone_backward(ctx, dy: Tensor, _ds: Tensor | None):
-    s, weight, block, x = ctx.saved_tensors
-    need_dx, need_dweight, need_dblock, need_dbias = ctx.needs_input_grad[:4]
-    dx = dblock = dweight = dbias = None
-    if need_dx or need_dblock:
-        dx_, dblock_ = torch.ops.bonekern.bone_backward(dy, s, weight, block, need_dx, need_dblock, ctx.backend)
-        dx = dx_ if need_dx else None
-        dblock = dblock_ if need_dblock else None
-    if need_dweight:
-        dweight = torch.mm(dy.t(), x)
-    if need_dbias:
-        dbias = dy.sum(0, dtype=delta_dtype(dy.dtype, torch.float32)).to(ctx.bias_dtype)
-    return dx, dweight, dblock, dbias, None
-
-
-torch.library.register_autograd("bonekern::bone_forward", _bone_backward, setup_context=_bone_setup_context)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# bat
-# ------------------------------------------------------------------------------------------------------------
+torch.library.register_autograd(
+    "bonekern::bone_forward",
+    lambda ctx, dy, _ds: _bone_grads(ctx, dy, _bone_backward_op),
+    setup_context=_bone_setup_context,
+)
 
 
 @torch.library.custom_op("bonekern::bat_forward", mutates_args=())
 def bat_forward(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     """y = x W'^T + b (M, N) in x's dtype, W'_ij = W_ij (I + B_i) + B_i formed in the delta dtype."""
-    m = x.shape[0]
-    if m == 0:
-        return x.new_empty(0, weight.shape[0])
-    return _run("bat_forward", backend, m, weight, block, x.dtype, x, weight, block, bias)
+    return bat_forward_impl(x, weight, block, bias, backend)
 
 
 @bat_forward.register_fake
@@ -145,14 +226,7 @@ def bat_backward(
     dy: Tensor, x: Tensor, weight: Tensor, block: Tensor, need_dx: bool, need_dblock: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """dx (M, K) in dy's dtype and dB (N // r, r, r) in the block's dtype; empty tensors where not needed."""
-    m = dy.shape[0]
-    if m == 0:
-        dx = dy.new_empty(0, weight.shape[1]) if need_dx else None
-        dblock = torch.zeros_like(block) if need_dblock else None
-    else:
-        dx, dblock = _run(
-            "bat_backward", backend, m, weight, block, dy.dtype, dy, x, weight, block, need_dx, need_dblock
-        )
+    dx, dblock = bat_backward_impl(dy, x, weight, block, need_dx, need_dblock, backend)
     return _none_to_empty(dx, dy), _none_to_empty(dblock, block)
 
 
@@ -163,27 +237,66 @@ def _(dy, x, weight, block, need_dx, need_dblock, backend):
     return dx, dblock
 
 
+def _bat_backward_op(dy, x, weight, block, need_dx, need_dblock, backend):
+    dx, dblock = torch.ops.bonekern.bat_backward(dy, x, weight, block, need_dx, need_dblock, backend)
+    return (dx if need_dx else None), (dblock if need_dblock else None)
+
+
 def _bat_setup_context(ctx, inputs, output) -> None:
-    x, weight, block, bias, backend = inputs
-    ctx.backend = backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    # Kept for backward: x (M x K) only. W' is rebuilt from W and B in backward, never kept.
-    ctx.save_for_backward(x, weight, block)
+    _bat_save(ctx, *inputs)
 
 
-def _bat_backward(ctx, dy: Tensor):
-    x, weight, block = ctx.saved_tensors
-    need_dx, need_dweight, need_dblock, need_dbias = ctx.needs_input_grad[:4]
-    dx = dblock = dweight = dbias = None
-    if need_dx or need_dblock:
-        dx_, dblock_ = torch.ops.bonekern.bat_backward(dy, x, weight, block, need_dx, need_dblock, ctx.backend)
-        dx = dx_ if need_dx else None
-        dblock = dblock_ if need_dblock else None
-    if need_dweight:
-        dweight = bat_weight_grad(dy, x, block, weight.dtype)
-    if need_dbias:
-        dbias = dy.sum(0, dtype=delta_dtype(dy.dtype, torch.float32)).to(ctx.bias_dtype)
-    return dx, dweight, dblock, dbias, None
+torch.library.register_autograd(
+    "bonekern::bat_forward",
+    lambda ctx, dy: _bat_grads(ctx, dy, _bat_backward_op),
+    setup_context=_bat_setup_context,
+)
 
 
-torch.library.register_autograd("bonekern::bat_forward", _bat_backward, setup_context=_bat_setup_context)
+# ------------------------------------------------------------------------------------------------------------
+# The eager fast path.
+# ------------------------------------------------------------------------------------------------------------
+
+
+class BoneFunction(torch.autograd.Function):
+    """bone/mini in eager mode: :func:`bone_forward_impl` and the shared gradient code, without the custom-op
+    machinery. Keeps S (M x r) for backward, plus x when the weight is trainable (see :func:`_bone_save`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, block, bias, backend):
+        y, s = bone_forward_impl(x, weight, block, bias, backend)
+        _bone_save(ctx, x, weight, block, bias, backend, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _bone_grads(ctx, dy, bone_backward_impl)
+
+
+class BatFunction(torch.autograd.Function):
+    """bat in eager mode: :func:`bat_forward_impl` and the shared gradient code, without the custom-op
+    machinery. Keeps x (M x K) alone for backward; W' is rebuilt there (see :func:`_bat_save`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, block, bias, backend):
+        y = bat_forward_impl(x, weight, block, bias, backend)
+        _bat_save(ctx, x, weight, block, bias, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _bat_grads(ctx, dy, bat_backward_impl)
+
+
+def bone_linear_2d(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    """bone/mini on x (M, K) -> y (M, N): the custom op when tracing is possible, else :class:`BoneFunction`."""
+    if _use_eager_path(x):
+        return BoneFunction.apply(x, weight, block, bias, backend)
+    return torch.ops.bonekern.bone_forward(x, weight, block, bias, backend)[0]
+
+
+def bat_linear_2d(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    """bat on x (M, K) -> y (M, N): the custom op when tracing is possible, else :class:`BatFunction`."""
+    if _use_eager_path(x):
+        return BatFunction.apply(x, weight, block, bias, backend)
+    return torch.ops.bonekern.bat_forward(x, weight, block, bias, backend)

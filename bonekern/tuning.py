@@ -294,24 +294,41 @@ _memo: dict[tuple, tuple[str, Config]] = {}
 _memo_lock = threading.Lock()
 
 
-def choose(
-    problem: OpProblem, scope: str, backends: Sequence[Backend], args: Sequence[Any] | None = None
-) -> tuple[Backend, Config]:
-    """The backend and config for one call (remembered per problem, environment and thread count)."""
+def memo_key(problem: OpProblem, scope: str, args: Sequence[Any] | None) -> tuple:
+    """What a decision depends on besides the cache files: the problem, the scope ("auto" or a backend name),
+    the gradients a backward call needs, the tuner's environment variables and the CPU thread count."""
     grads = needed_grads(problem.op, args)
     env = tuple(map(os.environ.get, _ENV_NAMES))
     threads = torch.get_num_threads() if problem.device.type == "cpu" else 0
-    memo_key = (problem, scope, grads, env, threads)
-    hit = _memo.get(memo_key)
+    return (problem, scope, grads, env, threads)
+
+
+def remembered(key: tuple) -> tuple[Backend, Config] | None:
+    """The decision made earlier in this process for ``key`` (see :func:`memo_key`), or None."""
+    hit = _memo.get(key)
     if hit is None:
-        space = search_space(problem, scope, backends, grads)
-        decision = TUNER.choose(space, runner_for(problem.op, args) if args is not None else None)
-        hit = (decision.candidate.backend, dict(decision.candidate.config))
-        if space.may_time or decision.layer != "default":
-            with _memo_lock:
-                _memo[memo_key] = hit
+        return None
     name, config = hit
     return get_backend(name), dict(config)
+
+
+def choose(
+    problem: OpProblem, scope: str, backends: Sequence[Backend], args: Sequence[Any] | None = None
+) -> tuple[Backend, Config]:
+    """The backend and config for one call, remembered for the rest of the process per :func:`memo_key`.
+
+    Defaults are remembered too: a process picks up cache entries written by another process (e.g.
+    ``python -m autotune tune``) when it restarts, or after :func:`forget_choices`.
+    """
+    key = memo_key(problem, scope, args)
+    hit = remembered(key)
+    if hit is not None:
+        return hit
+    space = search_space(problem, scope, backends, key[2])
+    decision = TUNER.choose(space, runner_for(problem.op, args) if args is not None else None)
+    with _memo_lock:
+        _memo[key] = (decision.candidate.backend, dict(decision.candidate.config))
+    return get_backend(decision.candidate.backend), dict(decision.candidate.config)
 
 
 def forget_choices() -> None:

@@ -15,6 +15,7 @@ Notation used throughout bonekern (see ../shared/DESIGN.md section 1):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 VARIANTS: tuple[str, ...] = ("bone", "bat", "mini")
@@ -119,10 +120,14 @@ def make_spec(variant: str, out_features: int, in_features: int, r: int, mini_r:
     return AdapterSpec(variant, out_features, in_features, r, mini_r if variant == "mini" else None)
 
 
+@functools.lru_cache(maxsize=4096)
 def spec_from_block(
     variant: str, weight_shape: tuple[int, ...], block_shape: tuple[int, ...], mini_r: int | None = None
 ) -> AdapterSpec:
     """Read r (and mini_r) off an existing block and check it against the weight's shape.
+
+    Pure in its (hashable) arguments, so valid results are cached: every layer call validates its shapes
+    through here. Errors are raised, never cached.
 
     Args:
         variant: "bone", "bat" or "mini".

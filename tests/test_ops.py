@@ -136,8 +136,10 @@ def _linear_and_block(variant):
     return layer
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_bat_keeps_only_x(backend):
+def test_bat_keeps_only_x(backend, path, monkeypatch):
+    monkeypatch.setattr(bonekern.ops, "EAGER_FAST_PATH", path == "eager")
     layer = _linear_and_block("bat")
     layer.backend = backend
     x = torch.randn(M, K, requires_grad=True)
@@ -148,8 +150,10 @@ def test_bat_keeps_only_x(backend):
     assert layer.block.grad is not None
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
 @pytest.mark.parametrize("variant", ["bone", "mini"])
-def test_bone_keeps_only_s(variant):
+def test_bone_keeps_only_s(variant, path, monkeypatch):
+    monkeypatch.setattr(bonekern.ops, "EAGER_FAST_PATH", path == "eager")
     layer = _linear_and_block(variant)
     x = torch.randn(M, K, requires_grad=True)
     _, saved = new_saved_tensors(lambda: layer(x), layer.parameters())
@@ -187,3 +191,56 @@ def test_public_api_names():
         assert hasattr(bonekern, name)
     for op in ("bone_forward", "bone_backward", "bat_forward", "bat_backward"):
         assert hasattr(torch.ops.bonekern, op)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The eager fast path (autograd Functions) and the custom-op path compute the same thing.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _outputs_and_grads(variant, backend, weight_trains=False):
+    p = make_problem(variant, (3, 5), 24, 16, 4, mini_r=VARIANT_ARGS[variant].get("mini_r"), strided_x=True)
+    x = p.x.detach().requires_grad_()
+    weight = p.weight.detach().requires_grad_(weight_trains)
+    block = p.block.detach().requires_grad_()
+    bias = p.bias.detach().requires_grad_()
+    y = bone_linear(x, weight, block, bias, variant=variant, mini_r=p.mini_r, backend=backend)
+    y.backward(p.dy)
+    return [y, x.grad, block.grad, bias.grad] + ([weight.grad] if weight_trains else [])
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_eager_path_equals_custom_op_path(backend, variant, weight_trains, monkeypatch):
+    backend_or_skip(backend)
+    eager = _outputs_and_grads(variant, backend, weight_trains)
+    monkeypatch.setattr(bonekern.ops, "EAGER_FAST_PATH", False)
+    via_ops = _outputs_and_grads(variant, backend, weight_trains)
+    for a, b in zip(eager, via_ops, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_paths_are_really_different(monkeypatch):
+    """The equality above compares two code paths, not one path twice."""
+    calls = []
+    monkeypatch.setattr(bonekern.ops.BoneFunction, "apply", lambda *a: calls.append("eager") or torch.zeros(2, 24))
+    _ = bone_linear(torch.randn(2, 16), torch.randn(24, 16), torch.zeros(4, 24))
+    assert calls == ["eager"]
+    monkeypatch.setattr(bonekern.ops, "EAGER_FAST_PATH", False)
+    _ = bone_linear(torch.randn(2, 16), torch.randn(24, 16), torch.zeros(4, 24))
+    assert calls == ["eager"], "with the fast path off the custom op must run"
+
+
+def test_compiled_graph_calls_the_custom_ops():
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = TwoLayer("bat")
+    torch.compile(model, fullgraph=True, backend=capture)(torch.randn(3, 16))
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any("bonekern.bat_forward" in t for t in targets), targets

@@ -176,7 +176,10 @@ def install_launcher(device_type: str, launcher: Launcher | None) -> Launcher | 
 
     The test suite installs the host-shim launcher for "cpu" so the backend's kernels run on CPU tensors.
     """
+    from ... import tuning
+
     previous = _LAUNCHERS.pop(device_type, None)
     if launcher is not None:
         _LAUNCHERS[device_type] = launcher
+    tuning.forget_choices()  # availability changed: decisions remembered per process are stale
     return previous
