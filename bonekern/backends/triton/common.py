@@ -39,3 +39,44 @@ class AotCase:
     num_stages: int = 3
     config_name: str = "default"
     dtype: str = "bf16"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side helpers for launching kernels (no triton import needed).
+# ----------------------------------------------------------------------------------------------------------
+
+INT32_LIMIT = 2**31 - 1
+"""Largest element offset a kernel may compute in int32; beyond it the kernel is specialised for int64 offsets."""
+
+TRITON_TYPE_NAMES = {
+    "torch.float16": "fp16",
+    "torch.bfloat16": "bf16",
+    "torch.float32": "fp32",
+    "torch.float64": "fp64",
+}
+"""torch dtype (as ``str(dtype)``) -> Triton's short name, used in AOT signatures ("*bf16") and baseline keys."""
+
+
+def needs_int64(*tensors: Any) -> bool:
+    """True when some element of some tensor lies at an offset (in elements) past ``INT32_LIMIT``.
+
+    Kernels compute ``row * stride_row + col * stride_col`` per element; that fits in int32 exactly when the
+    largest in-bounds offset ``sum((size - 1) * |stride|)`` does (masked-off lanes never dereference theirs).
+    ``None`` entries are ignored.
+    """
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) > INT32_LIMIT:
+            return True
+    return False
+
+
+def fp32_dot_precision(device: Any) -> str:
+    """``input_precision`` for fp32 ``tl.dot``: "tf32" exactly when torch would use TF32 for an fp32 matmul on
+    ``device`` (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always on the CPU interpreter)."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

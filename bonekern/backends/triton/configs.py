@@ -5,17 +5,19 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..base import Config, OpProblem
 
 
 def bone_forward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bone/mini forward, default first."""
-    raise NotImplementedError("bone forward Triton configs are being written")
+    """Candidates for bone/mini forward, default first (see the "bone / mini" section at the end)."""
+    return bone_forward_configs_for(problem, arch_of(problem.device))
 
 
 def bone_backward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bone/mini backward, default first."""
-    raise NotImplementedError("bone backward Triton configs are being written")
+    """Candidates for bone/mini backward, default first (see the "bone / mini" section at the end)."""
+    return bone_backward_configs_for(problem, arch_of(problem.device))
 
 
 def bat_forward_configs(problem: OpProblem) -> list[Config]:
@@ -44,3 +46,213 @@ def candidate_configs(problem: OpProblem) -> list[Config]:
 def default_config(problem: OpProblem) -> Config:
     """The config used when nothing is tuned."""
     return candidate_configs(problem)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bone / mini (bone.py)
+# ----------------------------------------------------------------------------------------------------------
+#
+# Forward config: {"strategy", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tiles"}.
+# Backward config: {"tiles", "dx": {...}, "t": {...}, "dblock": {...}}, one dict per kernel:
+#   dx     {"block_m", "block_k" (dx columns), "block_n" (reduction step over N), "group_m", "num_warps", "num_stages"}
+#   t      {"block_m", "block_n", "block_r", "split_n", "num_warps", "num_stages"}            T = dY D^T
+#   dblock {"block_m", "block_r", "block_c", "block_n", "split_m", "num_warps", "num_stages"}  dD = S^T dY
+# "tiles" names the GEMM tile set the config came from (logs, resource baseline); it is not read by kernels.
+
+BONE_FORWARD_STRATEGIES: tuple[str, ...] = ("group", "chunk", "two_pass")
+
+GEMM_TILES: dict[str, dict[str, int]] = {
+    # Hopper: 8 warps = two warpgroups sharing a 128 x 128 wgmma tile; 64-wide K steps, 3 stages (96 KiB bf16).
+    "m128n128k64w8s3": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    "m128n256k64w8s3": dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    "m64n128k64w4s4": dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    # Ampere: the classic mma.sync tile (32-wide K steps, 4 stages = 64 KiB bf16), and 64-wide K variants.
+    "m128n128k32w4s4": dict(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    "m128n128k64w8s3a": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    "m128n64k64w4s3": dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    # Small problems (few tokens): more programs.
+    "m64n64k64w4s3": dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    # CPU tensors through the Triton interpreter (tests): warps and stages are ignored there.
+    "interp32": dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1),
+}
+"""Every GEMM tile set the bone kernels ship with, by name (block_m x block_n x block_k, warps, stages)."""
+
+GEMM_TILES_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "sm90": ("m128n128k64w8s3", "m128n256k64w8s3", "m64n128k64w4s4", "m64n64k64w4s3"),
+    "sm80": ("m128n128k32w4s4", "m128n128k64w8s3a", "m128n64k64w4s3", "m64n64k64w4s3"),
+    "interpreter": ("interp32",),
+}
+"""Candidate tile sets per architecture family, default first."""
+
+
+def arch_of(device: torch.device) -> str:
+    """The config family for ``device``: "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada and other
+    GPUs with less shared memory) or "interpreter" (CPU tensors through TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(v: int, floor: int = 16) -> int:
+    p = floor
+    while p < v:
+        p *= 2
+    return p
+
+
+def _is_pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+def forward_strategy_serves(strategy: str, r: int, block_k: int) -> bool:
+    """Whether bone forward ``strategy`` computes the right answer for block size ``r`` with this ``block_k``.
+
+    "group" needs r a power of two with r <= block_k (the x tile is reshaped into r-wide groups); "chunk" works
+    for any r but wastes lanes when r < 16, so it is offered for r >= 16 only; "two_pass" serves every r.
+    """
+    if strategy == "group":
+        return _is_pow2(r) and r <= block_k
+    if strategy == "chunk":
+        return r >= 16
+    return strategy == "two_pass"
+
+
+def default_forward_strategy(r: int, block_k: int) -> str:
+    """The fused "group" path for power-of-two r <= block_k, fused "chunk" when block_k divides r (no masked
+    lanes), else "two_pass" (awkward r: one cheap extra pass over x beats wasted tensor-core lanes)."""
+    if forward_strategy_serves("group", r, block_k):
+        return "group"
+    if r % block_k == 0:
+        return "chunk"
+    return "two_pass"
+
+
+def bone_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
+    """Forward candidates for ``problem`` on architecture family ``arch`` (see :func:`arch_of`), default first:
+    every shipped tile set of ``arch`` with every strategy that serves r."""
+    out: list[Config] = []
+    for name in GEMM_TILES_BY_ARCH[arch]:
+        tiles = GEMM_TILES[name]
+        first = default_forward_strategy(problem.r, tiles["block_k"])
+        others = [s for s in BONE_FORWARD_STRATEGIES if s != first]
+        for strategy in [first, *others]:
+            if forward_strategy_serves(strategy, problem.r, tiles["block_k"]):
+                out.append({"strategy": strategy, **tiles, "group_m": 8, "tiles": name})
+    return out
+
+
+def _dx_from_tiles(tiles: dict[str, int]) -> Config:
+    """dx (M, K) is a GEMM with N as its reduction: the tile set's block_n becomes dx's column width block_k."""
+    return dict(
+        block_m=tiles["block_m"],
+        block_k=tiles["block_n"],
+        block_n=tiles["block_k"],
+        group_m=8,
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
+
+
+def bone_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
+    """Backward candidates for ``problem`` on ``arch``, default first: the dx GEMM takes each shipped tile set;
+    T and dblock get split counts that fill about two waves of the GPU (one split on the interpreter)."""
+    sms = _sm_count(problem.device) if arch != "interpreter" else 1
+    small = 32 if arch == "interpreter" else 64
+    block_r = min(64, _pow2_at_least(problem.r))
+    block_c = 16 if problem.block_cols < 16 else min(64, _pow2_at_least(problem.block_cols))
+    target = 2 * sms
+    t_programs = _cdiv(problem.m, small) * _cdiv(problem.r, block_r)
+    t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small)))
+    d_programs = _cdiv(problem.r, block_r) * _cdiv(problem.block_cols, block_c)
+    d_split = max(1, min(_cdiv(target, d_programs), _cdiv(problem.m, 4 * small)))
+    warps = 4
+    stages = 1 if arch == "interpreter" else 3
+    t = dict(block_m=small, block_n=small, block_r=block_r, split_n=t_split, num_warps=warps, num_stages=stages)
+    dblock = dict(
+        block_m=small, block_r=block_r, block_c=block_c, block_n=small, split_m=d_split, num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
+    return [
+        {"tiles": name, "dx": _dx_from_tiles(GEMM_TILES[name]), "t": dict(t), "dblock": dict(dblock)}
+        for name in GEMM_TILES_BY_ARCH[arch]
+    ]
+
+
+def group_sum_launch(r: int) -> Config:
+    """Launch parameters of the "two_pass" group-sum kernel (a bandwidth-bound pass over x, not tuned):
+    one-hot tensor-core fold for r < 16, else one program per (64 rows, up to 64 group columns)."""
+    if r < 16:
+        return dict(onehot=True, block_m=64, block_r=16, block_k=64, num_warps=4, num_stages=2)
+    return dict(onehot=False, block_m=64, block_r=min(64, _pow2_at_least(r)), block_k=16, num_warps=4, num_stages=2)
+
+
+def _check_tile(where: str, cfg: Config, key: str, minimum: int = 16) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < minimum:
+        raise ValueError(f"{where}[{key!r}] must be a power of two >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_launch(where: str, cfg: Config) -> None:
+    for key in ("num_warps", "num_stages"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}[{key!r}] must be a positive int; got {value!r}")
+    if not _is_pow2(cfg["num_warps"]):
+        raise ValueError(f"{where}['num_warps'] must be a power of two; got {cfg['num_warps']}")
+
+
+def check_bone_forward_config(config: Config, r: int) -> Config:
+    """Validate a bone forward config for block size ``r``; returns it (ValueError naming the bad entry)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"bone forward config must be a dict; got {type(config).__name__}")
+    where = "bone forward config"
+    strategy = config.get("strategy")
+    if strategy not in BONE_FORWARD_STRATEGIES:
+        raise ValueError(f"{where}['strategy'] must be one of {BONE_FORWARD_STRATEGIES}; got {strategy!r}")
+    for key in ("block_m", "block_n", "block_k"):
+        _check_tile(where, config, key)
+    _check_tile(where, config, "group_m", minimum=1)
+    _check_launch(where, config)
+    if not forward_strategy_serves(strategy, r, config["block_k"]):
+        raise ValueError(
+            f"{where}: strategy {strategy!r} cannot serve r = {r} with block_k = {config['block_k']} "
+            "('group' needs r a power of two <= block_k; 'chunk' needs r >= 16; 'two_pass' serves every r)"
+        )
+    return config
+
+
+def check_bone_backward_config(config: Config) -> Config:
+    """Validate a bone backward config; returns it (ValueError naming the bad entry)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"bone backward config must be a dict; got {type(config).__name__}")
+    tiles = {
+        "dx": ("block_m", "block_k", "block_n"),
+        "t": ("block_m", "block_n", "block_r"),
+        "dblock": ("block_m", "block_r", "block_c", "block_n"),
+    }
+    for part, keys in tiles.items():
+        sub = config.get(part)
+        where = f"bone backward config[{part!r}]"
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where} must be a dict; got {sub!r}")
+        for key in keys:
+            _check_tile(where, sub, key)
+        _check_launch(where, sub)
+    _check_tile("bone backward config['dx']", config["dx"], "group_m", minimum=1)
+    for part, key in (("t", "split_n"), ("dblock", "split_m")):
+        value = config[part].get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bone backward config[{part!r}][{key!r}] must be a positive int; got {value!r}")
+    return config
