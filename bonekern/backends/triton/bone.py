@@ -45,6 +45,9 @@ are read as given (x, W, dY and the block are never copied; a non-unit inner str
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -53,7 +56,7 @@ from ...profiling import nvtx_range
 from ...validation import delta_dtype
 from ..base import Config
 from . import configs
-from .common import fp32_dot_precision, interpreting, needs_int64
+from .common import TRITON_TYPE_NAMES, AotCase, fp32_dot_precision, interpreting, needs_int64
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -105,6 +108,8 @@ def _bone_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
+    ADAPTER_K: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """y[m-tile, n-tile] = x W^T + b + S D. "group"/"chunk" also write S (programs with pid_n == 0);
@@ -136,7 +141,7 @@ def _bone_fwd_kernel(
             s_wide += tl.sum(x_groups, axis=1)
         offs_j = tl.arange(0, SUM_WIDTH)
         d = tl.load(d_cols + (offs_j % R_POW2)[:, None] * stride_dr, mask=n_ok[None, :], other=0.0)
-        acc = tl.dot(s_wide, d.to(ACC_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(s_wide, d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
         if pid_n == 0:
             s = tl.sum(tl.reshape(s_wide, (BLOCK_M, SUM_WIDTH // R_POW2, R_POW2)), axis=1)
             offs_r = tl.arange(0, R_POW2)
@@ -154,7 +159,7 @@ def _bone_fwd_kernel(
                 acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 s += x.to(ACC_DTYPE)
             d = tl.load(d_cols + offs_c[:, None] * stride_dr, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(s, d.to(ACC_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.dot(s, d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
             if pid_n == 0:
                 tl.store(s_rows + offs_c[None, :] * stride_sr, s, mask=m_ok[:, None] & c_ok[None, :])
     else:  # "two_pass": S was written by _group_sum_kernel
@@ -164,12 +169,13 @@ def _bone_fwd_kernel(
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        for c0 in range(0, R, BLOCK_K):
-            offs_c = c0 + offs_k
+        offs_rk = tl.arange(0, ADAPTER_K)
+        for c0 in range(0, R, ADAPTER_K):
+            offs_c = c0 + offs_rk
             c_ok = offs_c < R
             s = tl.load(s_rows + offs_c[None, :] * stride_sr, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             d = tl.load(d_cols + offs_c[:, None] * stride_dr, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(s.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.dot(s.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -251,7 +257,7 @@ def _bone_bwd_t_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """T_part[split, m-tile, r-tile] = sum over n in the split's columns of dY[m, n] * block[j, n % C]."""
@@ -276,7 +282,7 @@ def _bone_bwd_t_kernel(
             offs_n = offs_n.to(tl.int64)
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         d = tl.load(d_rows + (offs_n % C)[:, None] * stride_dc, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = tl.dot(dy.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(dy.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
     t_ptrs = t_ptr + pid_s * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     tl.store(t_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -363,7 +369,7 @@ def _bone_bwd_dblock_kernel(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ADAPTER_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """out[split, r-tile, c-tile] = S^T F over the split's tokens, F[m, c] = sum over repeats i of dY[m, i*C + c].
@@ -406,7 +412,7 @@ def _bone_bwd_dblock_kernel(
                 cols = rep * C + offs_c
                 dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 f += dy.to(ACC_DTYPE)
-        acc = tl.dot(s_t.to(ACC_DTYPE), f, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(s_t.to(ACC_DTYPE), f, acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
     out_ptrs = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
@@ -426,6 +432,26 @@ def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
 # Host functions
 # ----------------------------------------------------------------------------------------------------------
 
+
+class _Dtypes(NamedTuple):
+    """Compute types of one launch.
+
+    dot: GEMM operand type (x's dtype; fp32 for bf16 under the interpreter, whose bf16 dot is wrong; fp64 when
+        the delta dtype is fp64). acc: accumulator and adapter-term type (the delta dtype).
+    precision: ``input_precision`` of the x/W (dY/W) dot; matters for fp32 only: "tf32" or "ieee" as torch's
+        ``allow_tf32`` says. adapter_precision: of the fp32 S/D/T dots. For fp32 inputs the same; for fp16/bf16
+        inputs "tf32" when torch allows it, else "tf32x3" (three TF32 products: fp32-class accuracy on the
+        tensor cores; "ieee" would run on the FMA units and force the tensor-core accumulator through a layout
+        conversion, for a term that is rounded to half precision anyway). delta: torch dtype of S, T, partials.
+    """
+
+    dot: Any
+    acc: Any
+    precision: str
+    adapter_precision: str
+    delta: torch.dtype
+
+
 _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -434,18 +460,31 @@ _TL_DTYPES = {
 }
 
 
-def _compute_dtypes(x_dtype: torch.dtype, block_dtype: torch.dtype, device: torch.device):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION, delta dtype) for inputs of ``x_dtype`` and a block of ``block_dtype``.
+def _compute_dtypes(x_dtype: torch.dtype, block_dtype: torch.dtype, device: torch.device) -> _Dtypes:
+    """How the kernels compute for inputs of ``x_dtype`` and a block of ``block_dtype`` on ``device``."""
+    return _dtypes_for(
+        x_dtype, block_dtype, fp32_dot_precision(device) == "tf32", device.type == "cuda", interpreting()
+    )
 
-    GEMM operands keep x's dtype, except: fp64 everywhere when the delta dtype is fp64 (validation path), and
-    fp32 for bf16 under the interpreter (its bf16 dot multiplies raw bits).
-    """
+
+def _dtypes_for(x_dtype: torch.dtype, block_dtype: torch.dtype, tf32: bool, gpu: bool, interpret: bool) -> _Dtypes:
+    """:class:`_Dtypes` for the given inputs, whether torch allows TF32, whether the kernels run on a GPU, and
+    whether they are interpreted."""
     delta = delta_dtype(x_dtype, block_dtype)
     acc = _TL_DTYPES[delta]
     if delta == torch.float64:
-        return tl.float64, acc, "ieee", delta
-    dot = tl.float32 if (x_dtype == torch.bfloat16 and interpreting()) else _TL_DTYPES[x_dtype]
-    return dot, acc, fp32_dot_precision(device), delta
+        return _Dtypes(tl.float64, acc, "ieee", "ieee", delta)
+    dot = tl.float32 if (x_dtype == torch.bfloat16 and interpret) else _TL_DTYPES[x_dtype]
+    precision = "tf32" if tf32 else "ieee"
+    if x_dtype == torch.float32 or not gpu:
+        return _Dtypes(dot, acc, precision, precision, delta)
+    return _Dtypes(dot, acc, precision, "tf32", delta)
+
+
+def adapter_chunk(block_k: int, x_itemsize: int) -> int:
+    """ "two_pass" reads S/D (fp32) in chunks of this many columns: the x tile's bytes per row, so the r loop's
+    pipeline buffers are no larger than the K loop's (they share shared memory)."""
+    return min(block_k, max(16, block_k * x_itemsize // 4))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -477,22 +516,23 @@ def bone_forward(
     r, c = block.shape
     cfg = configs.check_bone_forward_config(config, r)
     strategy = cfg["strategy"]
-    dot_dtype, acc_dtype, precision, delta = _compute_dtypes(x.dtype, block.dtype, x.device)
+    dt = _compute_dtypes(x.dtype, block.dtype, x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    s = torch.empty((m, r), dtype=delta, device=x.device)
+    s = torch.empty((m, r), dtype=dt.delta, device=x.device)
     index_64 = needs_int64(x, weight, block, y, s)
 
     if strategy == "two_pass":
-        gs = configs.group_sum_launch(r)
+        gs = configs.group_sum_launch(r, configs.dtype_family(x.dtype))
         with nvtx_range("bonekern.triton.bone_group_sum"):
             _group_sum_kernel[(_cdiv(m, gs["block_m"]), _cdiv(r, gs["block_r"]))](
                 x, s, m, k, r, *x.stride(), *s.stride(),
                 ONEHOT=gs["onehot"], BLOCK_M=gs["block_m"], BLOCK_R=gs["block_r"], BLOCK_K=gs["block_k"],
-                DOT_DTYPE=dot_dtype if gs["onehot"] else acc_dtype, ACC_DTYPE=acc_dtype, INDEX_64=index_64,
+                DOT_DTYPE=dt.dot if gs["onehot"] else dt.acc, ACC_DTYPE=dt.acc, INDEX_64=index_64,
                 num_warps=gs["num_warps"], num_stages=gs["num_stages"],
             )  # fmt: skip
     bm, bn = cfg["block_m"], cfg["block_n"]
     r_pow2 = r if strategy == "group" else 1
+    adapter_k = adapter_chunk(cfg["block_k"], x.element_size())
     grid = (_cdiv(m, bm) * _cdiv(n, bn),)
     with nvtx_range(f"bonekern.triton.bone_fwd[{strategy}]"):
         _bone_fwd_kernel[grid](
@@ -502,8 +542,8 @@ def bone_forward(
             STRATEGY=strategy, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
             R_POW2=r_pow2, SUM_WIDTH=max(r_pow2, 16),
-            DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, INDEX_64=index_64,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, ADAPTER_PRECISION=dt.adapter_precision,
+            ADAPTER_K=adapter_k, INDEX_64=index_64, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
     return y, s
 
@@ -526,12 +566,12 @@ def bone_backward(
     k = weight.shape[1]
     r, c = block.shape
     cfg = configs.check_bone_backward_config(config)
-    dot_dtype, acc_dtype, precision, delta = _compute_dtypes(dy.dtype, block.dtype, dy.device)
+    dt = _compute_dtypes(dy.dtype, block.dtype, dy.device)
     dx = dblock = None
     if need_dx:
         tc, xc = cfg["t"], cfg["dx"]
         n_per_split, t_splits = _split_range(n, tc["block_n"], tc["split_n"])
-        t = torch.empty((t_splits, m, r), dtype=delta, device=dy.device)
+        t = torch.empty((t_splits, m, r), dtype=dt.delta, device=dy.device)
         dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
         index_64 = needs_int64(dy, weight, block, t, dx)
         with nvtx_range("bonekern.triton.bone_bwd_t"):
@@ -539,7 +579,7 @@ def bone_backward(
                 dy, block, t, m, n, r, c, n_per_split,
                 *dy.stride(), *block.stride(), *t.stride(),
                 BLOCK_M=tc["block_m"], BLOCK_N=tc["block_n"], BLOCK_R=tc["block_r"],
-                ACC_DTYPE=acc_dtype, PRECISION=precision, INDEX_64=index_64,
+                ACC_DTYPE=dt.acc, ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=index_64,
                 num_warps=tc["num_warps"], num_stages=tc["num_stages"],
             )  # fmt: skip
         grid = (_cdiv(m, xc["block_m"]) * _cdiv(k, xc["block_k"]),)
@@ -548,7 +588,7 @@ def bone_backward(
                 dy, weight, t, dx, m, n, k, r, t_splits,
                 *dy.stride(), *weight.stride(), *t.stride(), *dx.stride(),
                 BLOCK_M=xc["block_m"], BLOCK_K=xc["block_k"], BLOCK_N=xc["block_n"], GROUP_M=xc["group_m"],
-                DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, INDEX_64=index_64,
+                DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, INDEX_64=index_64,
                 num_warps=xc["num_warps"], num_stages=xc["num_stages"],
             )  # fmt: skip
     if need_dblock:
@@ -557,7 +597,7 @@ def bone_backward(
         block_c = 16 if onehot else bc["block_c"]
         m_per_split, m_splits = _split_range(m, bc["block_m"], bc["split_m"])
         dblock = torch.empty((r, c), dtype=block.dtype, device=block.device)
-        part = dblock if m_splits == 1 else torch.empty((m_splits, r, c), dtype=delta, device=dy.device)
+        part = dblock if m_splits == 1 else torch.empty((m_splits, r, c), dtype=dt.delta, device=dy.device)
         stride_part = (0, *part.stride()) if m_splits == 1 else part.stride()
         grid = (_cdiv(r, bc["block_r"]), _cdiv(c, block_c), m_splits)
         with nvtx_range("bonekern.triton.bone_bwd_dblock"):
@@ -565,12 +605,179 @@ def bone_backward(
                 s, dy, part, m, n, r, c, m_per_split,
                 *s.stride(), *dy.stride(), *stride_part,
                 ONEHOT=onehot, BLOCK_M=bc["block_m"], BLOCK_R=bc["block_r"], BLOCK_C=block_c,
-                BLOCK_N=bc["block_n"], DOT_DTYPE=dot_dtype if onehot else acc_dtype, ACC_DTYPE=acc_dtype,
-                PRECISION=precision, INDEX_64=needs_int64(s, dy, part),
+                BLOCK_N=bc["block_n"], DOT_DTYPE=dt.dot if onehot else dt.acc, ACC_DTYPE=dt.acc,
+                ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=needs_int64(s, dy, part),
                 num_warps=bc["num_warps"], num_stages=bc["num_stages"],
             )  # fmt: skip
         if m_splits > 1:
             numel = r * c
             with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
-                _sum_splits_kernel[(_cdiv(numel, 1024),)](part, dblock, numel, m_splits, BLOCK=1024, num_warps=4)
+                _sum_splits_kernel[(_cdiv(numel, 1024),)](
+                    part, dblock, numel, m_splits, BLOCK=1024, num_warps=4, num_stages=1
+                )
     return dx, dblock
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (resources.py): every kernel x shipped config x dtype
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _aot_case(
+    kernel: str,
+    fn: Any,
+    dtype: torch.dtype,
+    pointers: dict[str, torch.dtype],
+    unit_strides: tuple[str, ...],
+    constexprs: dict[str, Any],
+    config_name: str,
+    archs: tuple[str, ...],
+    num_warps: int,
+    num_stages: int,
+) -> AotCase:
+    """One AotCase: pointer arguments typed by ``pointers``, ``unit_strides`` specialised to 1 (as Triton does for
+    contiguous tensors), every other non-constexpr argument i32."""
+    names = list(inspect.signature(fn.fn).parameters)
+    missing = set(constexprs) - set(names)
+    if missing:
+        raise ValueError(f"{kernel}: constexprs {sorted(missing)} are not parameters of {fn.fn.__name__}")
+    signature: dict[str, str] = {}
+    values = dict(constexprs)
+    for name in names:
+        if name in pointers:
+            signature[name] = "*" + TRITON_TYPE_NAMES[str(pointers[name])]
+        elif name in unit_strides:
+            signature[name] = "constexpr"
+            values[name] = 1
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+    return AotCase(
+        kernel=kernel,
+        fn=fn,
+        signature=signature,
+        constexprs=values,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        config_name=config_name,
+        dtype=TRITON_TYPE_NAMES[str(dtype)],
+        archs=archs,
+    )
+
+
+def _gemm_aot_cases(name: str, offered: tuple[str, ...], archs: tuple[str, ...], dtype: torch.dtype) -> list[AotCase]:
+    """Forward (each offered strategy; "group" for r = block_k and r = 8) and dx cases of one GEMM tile set."""
+    f32 = torch.float32
+    tiles = configs.GEMM_TILES[name]
+    dt = _dtypes_for(dtype, f32, tf32=False, gpu=True, interpret=False)
+    launch = dict(archs=archs, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    fwd = dict(
+        HAS_BIAS=True, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], GROUP_M=8,
+        DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, ADAPTER_PRECISION=dt.adapter_precision,
+        ADAPTER_K=adapter_chunk(tiles["block_k"], dtype.itemsize), INDEX_64=False,
+    )  # fmt: skip
+    variants = {
+        "group": {f"group.{name}.r{tiles['block_k']}": tiles["block_k"], f"group.{name}.r8": 8},
+        "chunk": {f"chunk.{name}": 1},
+        "two_pass": {f"two_pass.{name}": 1},
+    }
+    cases = []
+    for strategy in offered:
+        for config_name, r_pow2 in variants[strategy].items():
+            cases.append(
+                _aot_case(
+                    "bone_fwd", _bone_fwd_kernel, dtype,
+                    dict(x_ptr=dtype, w_ptr=dtype, d_ptr=f32, bias_ptr=dtype, y_ptr=dtype, s_ptr=f32),
+                    ("stride_xk", "stride_wk", "stride_dc", "stride_yn", "stride_sr"),
+                    dict(fwd, STRATEGY=strategy, R_POW2=r_pow2, SUM_WIDTH=max(16, r_pow2)), config_name, **launch,
+                )
+            )  # fmt: skip
+    dx = configs.dx_tiles(name)
+    cases.append(
+        _aot_case(
+            "bone_bwd_dx", _bone_bwd_dx_kernel, dtype, dict(dy_ptr=dtype, w_ptr=dtype, t_ptr=f32, dx_ptr=dtype),
+            ("stride_dyn", "stride_wk", "stride_tr", "stride_dxk"),
+            dict(BLOCK_M=dx["block_m"], BLOCK_K=dx["block_k"], BLOCK_N=dx["block_n"], GROUP_M=8, DOT_DTYPE=dt.dot,
+                 ACC_DTYPE=dt.acc, PRECISION=dt.precision, INDEX_64=False),
+            name, archs=archs, num_warps=dx["num_warps"], num_stages=dx["num_stages"],
+        )
+    )  # fmt: skip
+    return cases
+
+
+def _small_aot_cases(family: str, dtype: torch.dtype) -> list[AotCase]:
+    """Group-sum (one-hot and group loop), T (block_r 16 and 64) and dblock (block_r x block_c in {16, 64}; c16 is
+    the one-hot fold) cases for one dtype; their launch does not depend on the architecture."""
+    f32 = torch.float32
+    dt = _dtypes_for(dtype, f32, tf32=False, gpu=True, interpret=False)
+    archs = configs.SHIPPED_ARCHS
+    small = configs.small_kernel_launch("sm90", family)
+    cases = []
+    for r in (8, 64):
+        gs = configs.group_sum_launch(r, family)
+        cases.append(
+            _aot_case(
+                "bone_group_sum", _group_sum_kernel, dtype, dict(x_ptr=dtype, s_ptr=f32), ("stride_xk", "stride_sr"),
+                dict(ONEHOT=gs["onehot"], BLOCK_M=gs["block_m"], BLOCK_R=gs["block_r"], BLOCK_K=gs["block_k"],
+                     DOT_DTYPE=dt.dot if gs["onehot"] else dt.acc, ACC_DTYPE=dt.acc, INDEX_64=False),
+                "onehot" if gs["onehot"] else "groups", archs, gs["num_warps"], gs["num_stages"],
+            )
+        )  # fmt: skip
+    t = configs.t_launch("sm90", family)
+    for block_r in (16, 64):
+        cases.append(
+            _aot_case(
+                "bone_bwd_t", _bone_bwd_t_kernel, dtype, dict(dy_ptr=dtype, d_ptr=f32, t_ptr=f32),
+                ("stride_dyn", "stride_dc", "stride_tr"),
+                dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_R=block_r, ACC_DTYPE=dt.acc,
+                     ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=False),
+                f"r{block_r}", archs, t["num_warps"], t["num_stages"],
+            )
+        )  # fmt: skip
+        for block_c in (16, 64):
+            onehot = block_c == 16
+            cases.append(
+                _aot_case(
+                    "bone_bwd_dblock", _bone_bwd_dblock_kernel, dtype, dict(s_ptr=f32, dy_ptr=dtype, out_ptr=f32),
+                    ("stride_sr", "stride_dyn", "stride_oc"),
+                    dict(ONEHOT=onehot, BLOCK_M=small["block_m"], BLOCK_R=block_r, BLOCK_C=block_c,
+                         BLOCK_N=small["block_n"], DOT_DTYPE=dt.dot if onehot else dt.acc, ACC_DTYPE=dt.acc,
+                         ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=False),
+                    f"r{block_r}.c{block_c}{'.onehot' if onehot else ''}", archs, small["num_warps"],
+                    small["num_stages"],
+                )
+            )  # fmt: skip
+    return cases
+
+
+def aot_cases() -> list[AotCase]:
+    """Every bone/mini kernel specialisation the shipped configs of :mod:`configs` launch on sm_80/sm_90.
+
+    Modelled launch: block in fp32 (PEFT's default), torch's default ``allow_tf32 = False``, int32 offsets.
+    bf16 and fp32 get every shipped tile set of their family; fp16 compiles to the same code as bf16 with the other
+    MMA type, so it is compiled for each architecture's default tile set and the small kernels only.
+    """
+    cases: list[AotCase] = []
+    for family, dtypes in (("half", (torch.bfloat16, torch.float16)), ("fp32", (torch.float32,))):
+        shipped: dict[str, tuple[tuple[str, ...], list[str]]] = {}
+        defaults = set()
+        for arch in configs.SHIPPED_ARCHS:
+            entries = configs.GEMM_TILES_BY_FAMILY[(arch, family)]
+            defaults.add(entries[0][0])
+            for name, offered in entries:
+                shipped.setdefault(name, (offered, []))[1].append(arch)
+        for dtype in dtypes:
+            for name, (offered, archs) in shipped.items():
+                if dtype == torch.float16 and name not in defaults:
+                    continue
+                cases.extend(_gemm_aot_cases(name, offered, tuple(archs), dtype))
+            cases.extend(_small_aot_cases(family, dtype))
+    for out in (torch.float32, torch.bfloat16):
+        cases.append(
+            _aot_case(
+                "bone_bwd_dblock_sum", _sum_splits_kernel, out, dict(part_ptr=torch.float32, out_ptr=out), (),
+                dict(BLOCK=1024), "block1024", configs.SHIPPED_ARCHS, 4, 1,
+            )
+        )  # fmt: skip
+    return cases

@@ -29,6 +29,7 @@ class AotCase:
         num_warps, num_stages: launch options.
         config_name: which shipped config this is (as named in ``configs.py``).
         dtype: the input dtype this specialisation is for ("bf16", "fp16", "fp32").
+        archs: the architectures this config ships for ("sm80", "sm90"); resources.py compiles it for those.
     """
 
     kernel: str
@@ -39,6 +40,7 @@ class AotCase:
     num_stages: int = 3
     config_name: str = "default"
     dtype: str = "bf16"
+    archs: tuple[str, ...] = ("sm80", "sm90")
 
 
 # ----------------------------------------------------------------------------------------------------------

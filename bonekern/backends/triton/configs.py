@@ -57,32 +57,45 @@ def default_config(problem: OpProblem) -> Config:
 #   dx     {"block_m", "block_k" (dx columns), "block_n" (reduction step over N), "group_m", "num_warps", "num_stages"}
 #   t      {"block_m", "block_n", "block_r", "split_n", "num_warps", "num_stages"}            T = dY D^T
 #   dblock {"block_m", "block_r", "block_c", "block_n", "split_m", "num_warps", "num_stages"}  dD = S^T dY
-# "tiles" names the GEMM tile set the config came from (logs, resource baseline); it is not read by kernels.
+# "tiles" names the GEMM tile set the config came from (logs, resource baseline); kernels do not read it.
+# Every shipped tile set is compiled for its architectures by resources.py; none spills (profiles/resources/).
 
 BONE_FORWARD_STRATEGIES: tuple[str, ...] = ("group", "chunk", "two_pass")
 
 GEMM_TILES: dict[str, dict[str, int]] = {
-    # Hopper: 8 warps = two warpgroups sharing a 128 x 128 wgmma tile; 64-wide K steps, 3 stages (96 KiB bf16).
+    # Hopper, half precision: 8 warps = two warpgroups on a 128 x 128 wgmma tile, 64-wide K steps.
     "m128n128k64w8s3": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    "m128n256k64w8s3": dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
     "m64n128k64w4s4": dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
-    # Ampere: the classic mma.sync tile (32-wide K steps, 4 stages = 64 KiB bf16), and 64-wide K variants.
-    "m128n128k32w4s4": dict(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4),
-    "m128n128k64w8s3a": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    "m128n64k64w4s3": dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3),
-    # Small problems (few tokens): more programs.
+    # Ampere, half precision: mma.sync keeps operands and accumulator in registers; 32-wide K steps keep the
+    # fused S sums and the chunk strategy's (block_m, block_k) fp32 accumulator spill-free.
+    "m128n128k32w8s4": dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
+    "m64n128k32w4s4": dict(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    "m128n64k32w4s4": dict(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
+    # Hopper, small problems (few tokens): more programs.
     "m64n64k64w4s3": dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    # fp32 inputs: with allow_tf32 off, fp32 tl.dot runs on the FMA units ("ieee") with both operand tiles in
+    # registers, so small tiles, and "two_pass" only: the fused sums take the FMA kernel to 255 registers.
+    "m64n64k32w8s3": dict(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    "m32n64k32w4s3": dict(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
     # CPU tensors through the Triton interpreter (tests): warps and stages are ignored there.
     "interp32": dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1),
 }
 """Every GEMM tile set the bone kernels ship with, by name (block_m x block_n x block_k, warps, stages)."""
 
-GEMM_TILES_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "sm90": ("m128n128k64w8s3", "m128n256k64w8s3", "m64n128k64w4s4", "m64n64k64w4s3"),
-    "sm80": ("m128n128k32w4s4", "m128n128k64w8s3a", "m128n64k64w4s3", "m64n64k64w4s3"),
-    "interpreter": ("interp32",),
+_ALL = BONE_FORWARD_STRATEGIES
+GEMM_TILES_BY_FAMILY: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], ...]] = {
+    ("sm90", "half"): (("m128n128k64w8s3", _ALL), ("m64n128k64w4s4", _ALL), ("m64n64k64w4s3", _ALL)),
+    ("sm80", "half"): (("m128n128k32w8s4", _ALL), ("m64n128k32w4s4", _ALL), ("m128n64k32w4s4", _ALL)),
+    ("sm90", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
+    ("sm80", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
+    ("interpreter", "half"): (("interp32", _ALL),),
+    ("interpreter", "fp32"): (("interp32", _ALL),),
 }
-"""Candidate tile sets per architecture family, default first."""
+"""Per (architecture family, dtype family): the shipped tile sets, default first, each with the forward
+strategies offered on it (see :func:`arch_of`, :func:`dtype_family`). Every tile set offers "two_pass", so every
+r is served; the backward's dx GEMM uses every tile set of the family."""
+
+SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
 
 
 def arch_of(device: torch.device) -> str:
@@ -94,6 +107,11 @@ def arch_of(device: torch.device) -> str:
     return "sm90" if major in (9, 10) else "sm80"
 
 
+def dtype_family(dtype: torch.dtype) -> str:
+    """ "half" for fp16/bf16 inputs (tensor-core GEMM), "fp32" for fp32 and fp64."""
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -102,13 +120,6 @@ def _sm_count(device: torch.device) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _pow2_at_least(v: int, floor: int = 16) -> int:
-    p = floor
-    while p < v:
-        p *= 2
-    return p
 
 
 def _is_pow2(v: int) -> bool:
@@ -138,22 +149,27 @@ def default_forward_strategy(r: int, block_k: int) -> str:
     return "two_pass"
 
 
+def _family(problem: OpProblem, arch: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return GEMM_TILES_BY_FAMILY[(arch, dtype_family(problem.dtype))]
+
+
 def bone_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
     """Forward candidates for ``problem`` on architecture family ``arch`` (see :func:`arch_of`), default first:
-    every shipped tile set of ``arch`` with every strategy that serves r."""
+    every shipped tile set of the family with every strategy it offers that serves r; on each tile set the
+    :func:`default_forward_strategy` comes first when offered."""
     out: list[Config] = []
-    for name in GEMM_TILES_BY_ARCH[arch]:
+    for name, offered in _family(problem, arch):
         tiles = GEMM_TILES[name]
         first = default_forward_strategy(problem.r, tiles["block_k"])
-        others = [s for s in BONE_FORWARD_STRATEGIES if s != first]
-        for strategy in [first, *others]:
+        for strategy in sorted(offered, key=lambda s: s != first):
             if forward_strategy_serves(strategy, problem.r, tiles["block_k"]):
                 out.append({"strategy": strategy, **tiles, "group_m": 8, "tiles": name})
     return out
 
 
-def _dx_from_tiles(tiles: dict[str, int]) -> Config:
+def dx_tiles(name: str) -> Config:
     """dx (M, K) is a GEMM with N as its reduction: the tile set's block_n becomes dx's column width block_k."""
+    tiles = GEMM_TILES[name]
     return dict(
         block_m=tiles["block_m"],
         block_k=tiles["block_n"],
@@ -164,37 +180,55 @@ def _dx_from_tiles(tiles: dict[str, int]) -> Config:
     )
 
 
+def adapter_block(width: int) -> int:
+    """Tile width over r (T, dblock) or C (dblock): 16 for widths up to 16, else 64 (masked past the width)."""
+    return 16 if width <= 16 else 64
+
+
+def small_kernel_launch(arch: str, family: str) -> dict[str, int]:
+    """Token tile, reduction tile, warps and stages of the T and dblock kernels (not tuned: each is a few
+    percent of the backward's work). fp32 takes 32-wide tiles: its one-hot fold runs on the FMA units. T
+    uses 2 stages (3 spill a few bytes on sm_80; see :func:`t_launch`)."""
+    if arch == "interpreter":
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if family == "fp32":
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+
+
+def t_launch(arch: str, family: str) -> dict[str, int]:
+    """:func:`small_kernel_launch` for the T kernel: at most 2 pipeline stages."""
+    small = small_kernel_launch(arch, family)
+    return dict(small, num_stages=min(2, small["num_stages"]))
+
+
 def bone_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
     """Backward candidates for ``problem`` on ``arch``, default first: the dx GEMM takes each shipped tile set;
     T and dblock get split counts that fill about two waves of the GPU (one split on the interpreter)."""
-    sms = _sm_count(problem.device) if arch != "interpreter" else 1
-    small = 32 if arch == "interpreter" else 64
-    block_r = min(64, _pow2_at_least(problem.r))
-    block_c = 16 if problem.block_cols < 16 else min(64, _pow2_at_least(problem.block_cols))
-    target = 2 * sms
-    t_programs = _cdiv(problem.m, small) * _cdiv(problem.r, block_r)
-    t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small)))
+    small = small_kernel_launch(arch, dtype_family(problem.dtype))
+    block_r = adapter_block(problem.r)
+    block_c = adapter_block(problem.block_cols)
+    target = 2 * _sm_count(problem.device)
+    t_programs = _cdiv(problem.m, small["block_m"]) * _cdiv(problem.r, block_r)
+    t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small["block_n"])))
     d_programs = _cdiv(problem.r, block_r) * _cdiv(problem.block_cols, block_c)
-    d_split = max(1, min(_cdiv(target, d_programs), _cdiv(problem.m, 4 * small)))
-    warps = 4
-    stages = 1 if arch == "interpreter" else 3
-    t = dict(block_m=small, block_n=small, block_r=block_r, split_n=t_split, num_warps=warps, num_stages=stages)
-    dblock = dict(
-        block_m=small, block_r=block_r, block_c=block_c, block_n=small, split_m=d_split, num_warps=warps,
-        num_stages=stages,
-    )  # fmt: skip
+    d_split = max(1, min(_cdiv(target, d_programs), _cdiv(problem.m, 4 * small["block_m"])))
+    t = dict(t_launch(arch, dtype_family(problem.dtype)), block_r=block_r, split_n=t_split)
+    dblock = dict(small, block_r=block_r, block_c=block_c, split_m=d_split)
     return [
-        {"tiles": name, "dx": _dx_from_tiles(GEMM_TILES[name]), "t": dict(t), "dblock": dict(dblock)}
-        for name in GEMM_TILES_BY_ARCH[arch]
+        {"tiles": name, "dx": dx_tiles(name), "t": dict(t), "dblock": dict(dblock)}
+        for name, _ in _family(problem, arch)
     ]
 
 
-def group_sum_launch(r: int) -> Config:
+def group_sum_launch(r: int, family: str) -> Config:
     """Launch parameters of the "two_pass" group-sum kernel (a bandwidth-bound pass over x, not tuned):
-    one-hot tensor-core fold for r < 16, else one program per (64 rows, up to 64 group columns)."""
+    one-hot fold for r < 16 (tensor cores for half inputs; 32-wide tiles for fp32, whose exact "ieee" one-hot
+    dot runs on the FMA units), else one program per (64 rows, 64 group columns)."""
     if r < 16:
-        return dict(onehot=True, block_m=64, block_r=16, block_k=64, num_warps=4, num_stages=2)
-    return dict(onehot=False, block_m=64, block_r=min(64, _pow2_at_least(r)), block_k=16, num_warps=4, num_stages=2)
+        width = 32 if family == "fp32" else 64
+        return dict(onehot=True, block_m=width, block_r=16, block_k=width, num_warps=4, num_stages=2)
+    return dict(onehot=False, block_m=64, block_r=64, block_k=16, num_warps=4, num_stages=2)
 
 
 def _check_tile(where: str, cfg: Config, key: str, minimum: int = 16) -> int:
