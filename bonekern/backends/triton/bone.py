@@ -33,10 +33,15 @@ Backward:
   second kernel sums in a fixed order (deterministic; no atomics); with one split the kernel writes dblock.
 - Only what ``need_dx`` / ``need_dblock`` ask for is launched.
 
-Precision: every accumulator is fp32 (fp64 when x or the block is fp64). Base-GEMM operands stay in x's dtype;
-adapter terms (S, T, S D, D) are fp32. fp32 ``tl.dot`` follows ``torch.backends.cuda.matmul.allow_tf32``
-("tf32" when set, else "ieee"), like torch's own fp32 matmuls; the one-hot dots are always "ieee" (they are
-sums and must be exact). Under the interpreter, bf16 dot operands are cast to fp32 (its bf16 dot is wrong).
+Precision: every accumulator is fp32 (fp64 when x or the block is fp64); S, T, the partial sums and every
+adapter operand (S, T, D) are fp32, never rounded to x's dtype. fp32 inputs: every ``tl.dot`` follows
+``torch.backends.cuda.matmul.allow_tf32`` ("tf32" when set, else "ieee"), as torch's own fp32 matmuls do.
+fp16/bf16 inputs: the x/W GEMM runs in x's dtype; the small fp32 adapter dots (S D, dY D^T, S^T dY) use TF32
+on the GPU: its 10-bit mantissa error is below the half-precision rounding of the output, while "ieee" (FMA
+units) spilled kilobytes in every fused kernel and "tf32x3" spilled in the fused kernels on sm_80 and in
+"chunk" on sm_90 (compiled with resources.py). The one-hot dots are always "ieee" (they are sums and must be
+exact). Under the interpreter every dot is exact fp32, and bf16 operands are cast to fp32 (its bf16 dot is
+wrong).
 
 Indexing: offsets are int32 unless some tensor's largest element offset passes 2^31 - 1
 (:func:`common.needs_int64`), then the kernel is specialised with int64 row/column offsets. Any 2-D strides
@@ -439,10 +444,8 @@ class _Dtypes(NamedTuple):
     dot: GEMM operand type (x's dtype; fp32 for bf16 under the interpreter, whose bf16 dot is wrong; fp64 when
         the delta dtype is fp64). acc: accumulator and adapter-term type (the delta dtype).
     precision: ``input_precision`` of the x/W (dY/W) dot; matters for fp32 only: "tf32" or "ieee" as torch's
-        ``allow_tf32`` says. adapter_precision: of the fp32 S/D/T dots. For fp32 inputs the same; for fp16/bf16
-        inputs "tf32" when torch allows it, else "tf32x3" (three TF32 products: fp32-class accuracy on the
-        tensor cores; "ieee" would run on the FMA units and force the tensor-core accumulator through a layout
-        conversion, for a term that is rounded to half precision anyway). delta: torch dtype of S, T, partials.
+        ``allow_tf32`` says. adapter_precision: of the fp32 S/D/T dots: for fp32 inputs the same; for fp16/bf16
+        inputs on the GPU "tf32" (see the module docstring). delta: torch dtype of S, T and the partial sums.
     """
 
     dot: Any
