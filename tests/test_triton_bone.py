@@ -318,6 +318,16 @@ def test_every_candidate_config_is_valid_and_runs(arch):
             assert_close_to_reference(dblock, want["dblock"], torch.float32, f"dblock {cfg}", "triton")
 
 
+def test_few_tokens_default_to_short_tiles():
+    for arch in ("sm80", "sm90"):
+        few = configs.bone_forward_configs_for(_problem("bone_forward", 16, 4096, 4096, 64, 4096, torch.bfloat16), arch)
+        many = configs.bone_forward_configs_for(
+            _problem("bone_forward", 4096, 4096, 4096, 64, 4096, torch.bfloat16), arch
+        )
+        assert few[0]["block_m"] == 64 and many[0]["block_m"] == 128
+        assert sorted(map(str, few)) == sorted(map(str, many))  # the same candidates, another order
+
+
 def test_default_strategy_per_r():
     assert configs.default_forward_strategy(64, 64) == "group"
     assert configs.default_forward_strategy(1, 64) == "group"

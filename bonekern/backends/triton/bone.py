@@ -275,6 +275,7 @@ def _bone_bwd_t_kernel(
     r_ok = offs_r < R
     if INDEX_64:
         offs_m = offs_m.to(tl.int64)
+        pid_s = pid_s.to(tl.int64)  # pid_s * stride_ts may pass 2^31 even when one split does not
     n_start = pid_s * N_PER_SPLIT
     n_end = tl.minimum(N, n_start + N_PER_SPLIT)
     dy_rows = dy_ptr + offs_m[:, None] * stride_dym
@@ -344,8 +345,9 @@ def _bone_bwd_dx_kernel(
         acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     t_ptrs = t_ptr + offs_m[:, None] * stride_tm + (offs_k % R)[None, :] * stride_tr
     mask = m_ok[:, None] & k_ok[None, :]
-    for split in range(0, T_SPLITS):
-        acc += tl.load(t_ptrs + split * stride_ts, mask=mask, other=0.0)
+    for _ in range(0, T_SPLITS):
+        acc += tl.load(t_ptrs, mask=mask, other=0.0)
+        t_ptrs += stride_ts  # 64-bit pointer steps: no int32 split * stride_ts product to overflow
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -392,6 +394,8 @@ def _bone_bwd_dblock_kernel(
     c_ok = offs_c < C
     m_start = pid_s * M_PER_SPLIT
     m_end = tl.minimum(M, m_start + M_PER_SPLIT)
+    if INDEX_64:
+        pid_s = pid_s.to(tl.int64)  # for pid_s * stride_os below
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -423,10 +427,12 @@ def _bone_bwd_dblock_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr):
+def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """out[i] = sum over s of part[s, i] in a fixed order (part contiguous (SPLITS, NUMEL)); cast to out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
+    if INDEX_64:
+        offs = offs.to(tl.int64)
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
     for s in range(1, SPLITS):
         acc += tl.load(part_ptr + s * NUMEL + offs, mask=ok, other=0.0)
@@ -616,8 +622,8 @@ def bone_backward(
             numel = r * c
             with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
                 _sum_splits_kernel[(_cdiv(numel, 1024),)](
-                    part, dblock, numel, m_splits, BLOCK=1024, num_warps=4, num_stages=1
-                )
+                    part, dblock, numel, m_splits, BLOCK=1024, INDEX_64=needs_int64(part), num_warps=4, num_stages=1
+                )  # fmt: skip
     return dx, dblock
 
 
@@ -780,7 +786,7 @@ def aot_cases() -> list[AotCase]:
         cases.append(
             _aot_case(
                 "bone_bwd_dblock_sum", _sum_splits_kernel, out, dict(part_ptr=torch.float32, out_ptr=out), (),
-                dict(BLOCK=1024), "block1024", configs.SHIPPED_ARCHS, 4, 1,
+                dict(BLOCK=1024, INDEX_64=False), "block1024", configs.SHIPPED_ARCHS, 4, 1,
             )
         )  # fmt: skip
     return cases

@@ -149,8 +149,13 @@ def default_forward_strategy(r: int, block_k: int) -> str:
     return "two_pass"
 
 
-def _family(problem: OpProblem, arch: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    return GEMM_TILES_BY_FAMILY[(arch, dtype_family(problem.dtype))]
+def _family(problem: OpProblem, arch: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The (tile set, offered strategies) entries for ``problem``, default first: the family's order, except that
+    few tokens (M <= 64) put the tile sets with block_m <= 64 first (a 128-row tile would be mostly masked)."""
+    entries = list(GEMM_TILES_BY_FAMILY[(arch, dtype_family(problem.dtype))])
+    if problem.m <= 64:
+        entries.sort(key=lambda entry: GEMM_TILES[entry[0]]["block_m"] > 64)
+    return entries
 
 
 def bone_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
