@@ -80,6 +80,19 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _x_w_step(
+    acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One K step of the base GEMM: loads x[m-tile, cols] and W[n-tile, cols]^T (masked lanes read 0, which is also
+    PEFT's zero padding of x) and returns (acc + x W^T, the x tile) so the caller can sum the tile into S."""
+    x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc, x
+
+
+@triton.jit
 def _bone_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -117,8 +130,9 @@ def _bone_fwd_kernel(
     ADAPTER_K: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
-    """y[m-tile, n-tile] = x W^T + b + S D. "group"/"chunk" also write S (programs with pid_n == 0);
-    "two_pass" reads S. R_POW2 and SUM_WIDTH (= max(r, 16)) are used by "group" only."""
+    """y[m-tile, n-tile] = x W^T + b + S D; strategies as in the module docstring. "group"/"chunk" also write S
+    (programs with pid_n == 0); "two_pass" reads it, ADAPTER_K fp32 columns at a time. R_POW2 and SUM_WIDTH
+    (= max(r, 16)) are used by "group" only. PRECISION: the x/W dot; ADAPTER_PRECISION: the fp32 S/D dots."""
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,9 +153,9 @@ def _bone_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             k_ok = cols < K
-            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc, x = _x_w_step(
+                acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+            )
             x_groups = tl.reshape(x.to(ACC_DTYPE), (BLOCK_M, BLOCK_K // SUM_WIDTH, SUM_WIDTH))
             s_wide += tl.sum(x_groups, axis=1)
         offs_j = tl.arange(0, SUM_WIDTH)
@@ -159,9 +173,9 @@ def _bone_fwd_kernel(
             for g in range(0, tl.cdiv(K, R)):
                 cols = g * R + offs_c
                 k_ok = c_ok & (cols < K)
-                x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                acc, x = _x_w_step(
+                    acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+                )
                 s += x.to(ACC_DTYPE)
             d = tl.load(d_cols + offs_c[:, None] * stride_dr, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(s, d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
@@ -171,9 +185,9 @@ def _bone_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             k_ok = cols < K
-            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc, x = _x_w_step(
+                acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+            )
         offs_rk = tl.arange(0, ADAPTER_K)
         for c0 in range(0, R, ADAPTER_K):
             offs_c = c0 + offs_rk
