@@ -103,8 +103,8 @@ def make_problem(
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
-    x = rand(*lead, 2 * k if strided_x else k)
-    x = (x[..., ::2] if strided_x else x).to(dtype)
+    x = rand(*lead, 2 * k if strided_x else k).to(dtype)
+    x = x[..., ::2] if strided_x else x  # slice after the cast: .to() of a strided view returns a contiguous copy
     weight = rand(n, k, scale=k**-0.5).to(dtype)
     shape = block_shape(variant, n, k, r, mini_r)
     block_scale = r**-0.5 if variant == "bat" else (k / r) ** -0.5 * 0.5

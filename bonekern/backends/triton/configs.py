@@ -1,0 +1,297 @@
+"""Every tunable Triton config, in one place: the autotuner reads :func:`candidate_configs`, dispatch reads
+:func:`default_config` when nothing is tuned. A config is a JSON-serialisable dict (strategy, tile sizes,
+``num_warps``, ``num_stages``); the kernel modules accept exactly the dicts produced here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import Config, OpProblem
+
+
+def bone_forward_configs(problem: OpProblem) -> list[Config]:
+    """Candidates for bone/mini forward, default first (see the "bone / mini" section at the end)."""
+    return bone_forward_configs_for(problem, arch_of(problem.device))
+
+
+def bone_backward_configs(problem: OpProblem) -> list[Config]:
+    """Candidates for bone/mini backward, default first (see the "bone / mini" section at the end)."""
+    return bone_backward_configs_for(problem, arch_of(problem.device))
+
+
+def bat_forward_configs(problem: OpProblem) -> list[Config]:
+    """Candidates for bat forward, default first."""
+    raise NotImplementedError("bat forward Triton configs are being written")
+
+
+def bat_backward_configs(problem: OpProblem) -> list[Config]:
+    """Candidates for bat backward, default first."""
+    raise NotImplementedError("bat backward Triton configs are being written")
+
+
+_BY_OP = {
+    "bone_forward": bone_forward_configs,
+    "bone_backward": bone_backward_configs,
+    "bat_forward": bat_forward_configs,
+    "bat_backward": bat_backward_configs,
+}
+
+
+def candidate_configs(problem: OpProblem) -> list[Config]:
+    """Every config the autotuner may time for ``problem``; the first one is the default."""
+    return _BY_OP[problem.op](problem)
+
+
+def default_config(problem: OpProblem) -> Config:
+    """The config used when nothing is tuned."""
+    return candidate_configs(problem)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bone / mini (bone.py)
+# ----------------------------------------------------------------------------------------------------------
+#
+# Forward config: {"strategy", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tiles"}.
+# Backward config: {"tiles", "dx": {...}, "t": {...}, "dblock": {...}}, one dict per kernel:
+#   dx     {"block_m", "block_k" (dx columns), "block_n" (reduction step over N), "group_m", "num_warps", "num_stages"}
+#   t      {"block_m", "block_n", "block_r", "split_n", "num_warps", "num_stages"}            T = dY D^T
+#   dblock {"block_m", "block_r", "block_c", "block_n", "split_m", "num_warps", "num_stages"}  dD = S^T dY
+# "tiles" names the GEMM tile set the config came from (logs, resource baseline); kernels do not read it.
+# Every shipped tile set is compiled for its architectures by resources.py; none spills (profiles/resources/).
+
+BONE_FORWARD_STRATEGIES: tuple[str, ...] = ("group", "chunk", "two_pass")
+
+GEMM_TILES: dict[str, dict[str, int]] = {
+    # Hopper, half precision: 8 warps = two warpgroups on a 128 x 128 wgmma tile, 64-wide K steps.
+    "m128n128k64w8s3": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    "m64n128k64w4s4": dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    # Ampere, half precision: mma.sync keeps operands and accumulator in registers; 32-wide K steps keep the
+    # fused S sums and the chunk strategy's (block_m, block_k) fp32 accumulator spill-free.
+    "m128n128k32w8s4": dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
+    "m64n128k32w4s4": dict(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=4),
+    "m128n64k32w4s4": dict(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
+    # Hopper, small problems (few tokens): more programs.
+    "m64n64k64w4s3": dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
+    # fp32 inputs: with allow_tf32 off, fp32 tl.dot runs on the FMA units ("ieee") with both operand tiles in
+    # registers, so small tiles, and "two_pass" only: the fused sums take the FMA kernel to 255 registers.
+    "m64n64k32w8s3": dict(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    "m32n64k32w4s3": dict(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
+    # CPU tensors through the Triton interpreter (tests): warps and stages are ignored there.
+    "interp32": dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1),
+}
+"""Every GEMM tile set the bone kernels ship with, by name (block_m x block_n x block_k, warps, stages)."""
+
+_ALL = BONE_FORWARD_STRATEGIES
+GEMM_TILES_BY_FAMILY: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], ...]] = {
+    ("sm90", "half"): (("m128n128k64w8s3", _ALL), ("m64n128k64w4s4", _ALL), ("m64n64k64w4s3", _ALL)),
+    ("sm80", "half"): (("m128n128k32w8s4", _ALL), ("m64n128k32w4s4", _ALL), ("m128n64k32w4s4", _ALL)),
+    ("sm90", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
+    ("sm80", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
+    ("interpreter", "half"): (("interp32", _ALL),),
+    ("interpreter", "fp32"): (("interp32", _ALL),),
+}
+"""Per (architecture family, dtype family): the shipped tile sets, default first, each with the forward
+strategies offered on it (see :func:`arch_of`, :func:`dtype_family`). Every tile set offers "two_pass", so every
+r is served; the backward's dx GEMM uses every tile set of the family."""
+
+SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
+
+
+def arch_of(device: torch.device) -> str:
+    """The config family for ``device``: "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada and other
+    GPUs with less shared memory) or "interpreter" (CPU tensors through TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    """ "half" for fp16/bf16 inputs (tensor-core GEMM), "fp32" for fp32 and fp64."""
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+def forward_strategy_serves(strategy: str, r: int, block_k: int) -> bool:
+    """Whether bone forward ``strategy`` computes the right answer for block size ``r`` with this ``block_k``.
+
+    "group" needs r a power of two with r <= block_k (the x tile is reshaped into r-wide groups); "chunk" works
+    for any r but wastes lanes when r < 16, so it is offered for r >= 16 only; "two_pass" serves every r.
+    """
+    if strategy == "group":
+        return _is_pow2(r) and r <= block_k
+    if strategy == "chunk":
+        return r >= 16
+    return strategy == "two_pass"
+
+
+def default_forward_strategy(r: int, block_k: int) -> str:
+    """The fused "group" path for power-of-two r <= block_k, fused "chunk" when block_k divides r (no masked
+    lanes), else "two_pass" (awkward r: one cheap extra pass over x beats wasted tensor-core lanes)."""
+    if forward_strategy_serves("group", r, block_k):
+        return "group"
+    if r % block_k == 0:
+        return "chunk"
+    return "two_pass"
+
+
+def _family(problem: OpProblem, arch: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The (tile set, offered strategies) entries for ``problem``, default first: the family's order, except that
+    few tokens (M <= 64) put the tile sets with block_m <= 64 first (a 128-row tile would be mostly masked)."""
+    entries = list(GEMM_TILES_BY_FAMILY[(arch, dtype_family(problem.dtype))])
+    if problem.m <= 64:
+        entries.sort(key=lambda entry: GEMM_TILES[entry[0]]["block_m"] > 64)
+    return entries
+
+
+def bone_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
+    """Forward candidates for ``problem`` on architecture family ``arch`` (see :func:`arch_of`), default first:
+    every shipped tile set of the family with every strategy it offers that serves r; on each tile set the
+    :func:`default_forward_strategy` comes first when offered."""
+    out: list[Config] = []
+    for name, offered in _family(problem, arch):
+        tiles = GEMM_TILES[name]
+        first = default_forward_strategy(problem.r, tiles["block_k"])
+        for strategy in sorted(offered, key=lambda s: s != first):
+            if forward_strategy_serves(strategy, problem.r, tiles["block_k"]):
+                out.append({"strategy": strategy, **tiles, "group_m": 8, "tiles": name})
+    return out
+
+
+def dx_tiles(name: str) -> Config:
+    """dx (M, K) is a GEMM with N as its reduction: the tile set's block_n becomes dx's column width block_k."""
+    tiles = GEMM_TILES[name]
+    return dict(
+        block_m=tiles["block_m"],
+        block_k=tiles["block_n"],
+        block_n=tiles["block_k"],
+        group_m=8,
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
+
+
+def adapter_block(width: int) -> int:
+    """Tile width over r (T, dblock) or C (dblock): 16 for widths up to 16, else 64 (masked past the width)."""
+    return 16 if width <= 16 else 64
+
+
+def small_kernel_launch(arch: str, family: str) -> dict[str, int]:
+    """Token tile, reduction tile, warps and stages of the T and dblock kernels (not tuned: each is a few
+    percent of the backward's work). fp32 takes 32-wide tiles: its one-hot fold runs on the FMA units. T
+    uses 2 stages (3 spill a few bytes on sm_80; see :func:`t_launch`)."""
+    if arch == "interpreter":
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if family == "fp32":
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+
+
+def t_launch(arch: str, family: str) -> dict[str, int]:
+    """:func:`small_kernel_launch` for the T kernel: at most 2 pipeline stages."""
+    small = small_kernel_launch(arch, family)
+    return dict(small, num_stages=min(2, small["num_stages"]))
+
+
+def bone_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
+    """Backward candidates for ``problem`` on ``arch``, default first: the dx GEMM takes each shipped tile set;
+    T and dblock get split counts that fill about two waves of the GPU (one split on the interpreter)."""
+    small = small_kernel_launch(arch, dtype_family(problem.dtype))
+    block_r = adapter_block(problem.r)
+    block_c = adapter_block(problem.block_cols)
+    target = 2 * _sm_count(problem.device)
+    t_programs = _cdiv(problem.m, small["block_m"]) * _cdiv(problem.r, block_r)
+    t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small["block_n"])))
+    d_programs = _cdiv(problem.r, block_r) * _cdiv(problem.block_cols, block_c)
+    d_split = max(1, min(_cdiv(target, d_programs), _cdiv(problem.m, 4 * small["block_m"])))
+    t = dict(t_launch(arch, dtype_family(problem.dtype)), block_r=block_r, split_n=t_split)
+    dblock = dict(small, block_r=block_r, block_c=block_c, split_m=d_split)
+    return [
+        {"tiles": name, "dx": dx_tiles(name), "t": dict(t), "dblock": dict(dblock)}
+        for name, _ in _family(problem, arch)
+    ]
+
+
+def group_sum_launch(r: int, family: str) -> Config:
+    """Launch parameters of the "two_pass" group-sum kernel (a bandwidth-bound pass over x, not tuned):
+    one-hot fold for r < 16 (tensor cores for half inputs; 32-wide tiles for fp32, whose exact "ieee" one-hot
+    dot runs on the FMA units), else one program per (64 rows, 64 group columns)."""
+    if r < 16:
+        width = 32 if family == "fp32" else 64
+        return dict(onehot=True, block_m=width, block_r=16, block_k=width, num_warps=4, num_stages=2)
+    return dict(onehot=False, block_m=64, block_r=64, block_k=16, num_warps=4, num_stages=2)
+
+
+def _check_tile(where: str, cfg: Config, key: str, minimum: int = 16) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < minimum:
+        raise ValueError(f"{where}[{key!r}] must be a power of two >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_launch(where: str, cfg: Config) -> None:
+    for key in ("num_warps", "num_stages"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}[{key!r}] must be a positive int; got {value!r}")
+    if not _is_pow2(cfg["num_warps"]):
+        raise ValueError(f"{where}['num_warps'] must be a power of two; got {cfg['num_warps']}")
+
+
+def check_bone_forward_config(config: Config, r: int) -> Config:
+    """Validate a bone forward config for block size ``r``; returns it (ValueError naming the bad entry)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"bone forward config must be a dict; got {type(config).__name__}")
+    where = "bone forward config"
+    strategy = config.get("strategy")
+    if strategy not in BONE_FORWARD_STRATEGIES:
+        raise ValueError(f"{where}['strategy'] must be one of {BONE_FORWARD_STRATEGIES}; got {strategy!r}")
+    for key in ("block_m", "block_n", "block_k"):
+        _check_tile(where, config, key)
+    _check_tile(where, config, "group_m", minimum=1)
+    _check_launch(where, config)
+    if not forward_strategy_serves(strategy, r, config["block_k"]):
+        raise ValueError(
+            f"{where}: strategy {strategy!r} cannot serve r = {r} with block_k = {config['block_k']} "
+            "('group' needs r a power of two <= block_k; 'chunk' needs r >= 16; 'two_pass' serves every r)"
+        )
+    return config
+
+
+def check_bone_backward_config(config: Config) -> Config:
+    """Validate a bone backward config; returns it (ValueError naming the bad entry)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"bone backward config must be a dict; got {type(config).__name__}")
+    tiles = {
+        "dx": ("block_m", "block_k", "block_n"),
+        "t": ("block_m", "block_n", "block_r"),
+        "dblock": ("block_m", "block_r", "block_c", "block_n"),
+    }
+    for part, keys in tiles.items():
+        sub = config.get(part)
+        where = f"bone backward config[{part!r}]"
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where} must be a dict; got {sub!r}")
+        for key in keys:
+            _check_tile(where, sub, key)
+        _check_launch(where, sub)
+    _check_tile("bone backward config['dx']", config["dx"], "group_m", minimum=1)
+    for part, key in (("t", "split_n"), ("dblock", "split_m")):
+        value = config[part].get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bone backward config[{part!r}][{key!r}] must be a positive int; got {value!r}")
+    return config
