@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -193,14 +194,14 @@ def test_only_requested_gradients_are_computed(monkeypatch):
         raise AssertionError("a kernel ran for a gradient that was not asked for")
 
     with monkeypatch.context() as m:
-        m.setattr(bat, "bat_block_grad", forbidden)
+        m.setattr(bat, "block_gradient", forbidden)
         dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, True, False, cfg)
     assert db is None
     assert_close_to_reference(dx, want["dx"], torch.float32, "dx only", "triton")
     for strategy in ("fused", "materialize"):
         with monkeypatch.context() as m:
             m.setattr(bat, "_launch_gemm", forbidden)
-            m.setattr(bat, "build_bat_weight", forbidden)
+            m.setattr(bat, "materialize_weight", forbidden)
             dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, False, True, {**cfg, "strategy": strategy})
         assert dx is None
         assert_close_to_reference(db, want["dblock"], torch.float32, "dblock only", "triton")
@@ -237,9 +238,9 @@ def test_dblock_reductions_agree_and_partials_are_deterministic():
     p = make_problem("bat", (21,), 32, 128, 16)
     dy, x, w, b = p.dy, p.x, p.weight, p.block
     t = bat.Tiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
-    one = bat.bat_block_grad(dy, x, w, b, t, split_k=1)
-    parts = [bat.bat_block_grad(dy, x, w, b, t, split_k=4, reduce="partials") for _ in range(2)]
-    atomic = bat.bat_block_grad(dy, x, w, b, t, split_k=4, reduce="atomic")
+    one = bat.block_gradient(dy, x, w, b, t, split_k=1)
+    parts = [bat.block_gradient(dy, x, w, b, t, split_k=4, reduce="partials") for _ in range(2)]
+    atomic = bat.block_gradient(dy, x, w, b, t, split_k=4, reduce="atomic")
     assert torch.equal(parts[0], parts[1])
     want = reference_outputs(p)["dblock"]
     for got in (one, parts[0], atomic):
@@ -269,6 +270,16 @@ def test_every_candidate_config_parses():
                         assert {c["strategy"] for c in candidates} == {"fused", "materialize"}
                         for cfg in candidates:
                             plan.parse(cfg, cfg)
+
+
+def test_shipped_tile_names_say_what_runs():
+    """No shipped tile set is clamped by the kernels' fitting to its r class: its name is the tile that runs."""
+    tables = [(key[2], e) for key, e in configs.BAT_TABLE.items()] + list(configs.BAT_TABLE_FP32.items())
+    for r_class, entry in tables:
+        r = {"small": 8, "r16": 16, "r32": 32, "r64": 64, "r128+": 128}[r_class]
+        for name in (*entry["fwd"], *entry["dx"], entry["dblock"], entry["build"]):
+            t = configs.bat_tiles(name)
+            assert bat._tiling(r, t["block_n"], t["block_k"])[1:] == (t["block_n"], t["block_k"]), (r_class, name)
 
 
 def test_default_strategy_follows_m():
@@ -333,13 +344,13 @@ def compile_and_measure(case, arch: int) -> dict:
     aligned tensors whose sizes are multiples of 16) and read registers, spills and shared memory.
 
     Registers and spills come from ``ptxas -v`` run by Triton itself (its bundled ptxas, the one that builds the
-    cubin Triton would launch); shared memory from Triton's metadata (ptxas only sees the static part)."""
+    cubin Triton would launch); shared memory from Triton's metadata (ptxas only sees the static part). Needs the
+    kernels defined with the interpreter off (see :func:`test_aot_compile_resources`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    fn = JITFunction(case.fn.fn) if os.environ.get("TRITON_INTERPRET") == "1" else case.fn
+    fn = case.fn
     names = fn.arg_names
     attrs = {
         (names.index(a),): [["tt.divisibility", 16]]
@@ -363,48 +374,92 @@ def compile_and_measure(case, arch: int) -> dict:
     return {"regs": int(regs.group(1)), "spills": spills, "shared": compiled.metadata.shared}
 
 
+@functools.cache
+def _aot_cases() -> list:
+    return bat.aot_cases()
+
+
 def _compile_job(args):
     index, arch = args
-    return index, arch, compile_and_measure(bat.aot_cases()[index], arch)
+    return index, arch, compile_and_measure(_aot_cases()[index], arch)
+
+
+def compile_all(jobs: list[tuple[int, int]]):
+    """Yield (case index, arch, figures) for each job, compiled in fresh worker processes with the interpreter
+    off: under TRITON_INTERPRET=1 the kernels' @triton.jit helpers are interpreter objects that the compiler
+    cannot take (rebuilding only the kernel as a JITFunction is not enough for kernels that call helpers)."""
+    import concurrent.futures
+    import multiprocessing
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the spawned workers only
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(2, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            yield from pool.map(_compile_job, jobs)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def test_aot_cases_cover_every_kernel_and_shipped_config():
+    """Each shipped config's kernels are among the AOT cases, under each GPU family that ships the config."""
     cases = bat.aot_cases()
-    kernels = {c.kernel for c in cases}
-    assert kernels == {"bat_fwd_fused", "bat_fwd_gemm", "bat_build", "bat_dx_fused", "bat_dx_gemm", "bat_dblock"}
-    names = {(c.kernel, c.config_name.split("/", 1)[1], c.dtype) for c in cases}
+    assert {c.kernel for c in cases} == {
+        "bat_fwd_fused",
+        "bat_fwd_gemm",
+        "bat_build",
+        "bat_dx_fused",
+        "bat_dx_gemm",
+        "bat_dblock",
+    }
+    covered = set()
+    for c in cases:
+        archs, r_name, tile_set = c.config_name.split("/")
+        for arch in archs.split("+"):
+            covered.add((arch, int(r_name.removeprefix("r")), tile_set, c.dtype, c.kernel))
     for arch in bat.AOT_ARCHS:
-        for r, dtype, _ in bat.AOT_SPECS:
+        for r, dtype, default_only in bat.AOT_SPECS:
             short = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-            for op in ("bat_forward", "bat_backward"):
-                default = configs.candidate_configs_for(_problem(op, 4096, r, dtype), arch)[0]
-                assert any(n.startswith(f"r{r}/") and d == short for _, n, d in names), (arch, r, op, default)
-    assert all(c.dtype in ("bf16", "fp32") for c in cases)
+            for op, prefix in (("bat_forward", "fwd"), ("bat_backward", "dx")):
+                candidates = configs.candidate_configs_for(_problem(op, 4096, r, dtype), arch)
+                if default_only:
+                    candidates = [
+                        c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"
+                    ]
+                for cfg in candidates:
+                    if cfg["strategy"] == "fused":
+                        assert (arch, r, cfg["tiles"], short, f"bat_{prefix}_fused") in covered, (arch, r, cfg)
+                    else:
+                        assert any(k[:2] == (arch, r) and k[3:] == (short, "bat_build") for k in covered), (arch, r)
+                    if cfg["gemm"] == "triton" and cfg["strategy"] == "materialize":
+                        gemm = f"bat_{prefix}_gemm"
+                        assert any(k[0] == arch and k[2:] == (cfg["tiles"], short, gemm) for k in covered), cfg
+                if op == "bat_backward":
+                    assert any(k[:2] == (arch, r) and k[3:] == (short, "bat_dblock") for k in covered), (arch, r)
 
 
 def test_aot_compile_resources():
     """Every AOT case compiles for each GPU family that ships it, without spills, within 255 registers and the
     family's shared memory; the figures are printed (pytest -s) for the resource baseline."""
-    import concurrent.futures
-    import multiprocessing
-
     pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is not installed")
-    cases = bat.aot_cases()
+    cases = _aot_cases()
     jobs = [(i, int(a.removeprefix("sm"))) for i, c in enumerate(cases) for a in c.config_name.split("/")[0].split("+")]
     failures = []
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(2, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
-        for index, arch, res in pool.map(_compile_job, jobs):
-            case = cases[index]
-            line = (
-                f"sm_{arch} {case.kernel:13s} {case.config_name:36s} {case.dtype} "
-                f"w{case.num_warps}s{case.num_stages}: {res['regs']} regs, {res['spills']} B spilled, "
-                f"{res['shared'] // 1024} KiB shared"
-            )
-            print(line)
-            if res["spills"] or res["regs"] > 255 or res["shared"] > SHARED_LIMIT[arch]:
-                failures.append(line)
+    for index, arch, res in compile_all(jobs):
+        case = cases[index]
+        line = (
+            f"sm_{arch} {case.kernel:13s} {case.config_name:36s} {case.dtype} "
+            f"w{case.num_warps}s{case.num_stages}: {res['regs']} regs, {res['spills']} B spilled, "
+            f"{res['shared'] // 1024} KiB shared"
+        )
+        print(line)
+        if res["spills"] or res["regs"] > 255 or res["shared"] > SHARED_LIMIT[arch]:
+            failures.append(line)
+    assert len(jobs) > 0
     assert not failures, "kernels over budget:\n" + "\n".join(failures)
 
 

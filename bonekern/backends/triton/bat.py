@@ -4,49 +4,54 @@ Math (DESIGN.md section 1): B is (N/r, r, r); ``W'_ij = W_ij (I + B_i) + B_i`` f
 ``y = x W'^T + b``; ``dx = dY W'``; with ``G = dY^T x`` cut into r x r blocks, ``dB_i = sum_j (W_ij + I)^T G_ij``.
 Only x is kept for backward; W' never outlives one call.
 
-Kernels (each one launch; all accumulate in fp32, fp64 when x or the block is fp64):
+Kernels (one launch each; all accumulate in fp32, in fp64 when x or the block is fp64):
 
-- ``_bat_gemm_kernel``: ``C = A @ op(W')`` where ``op`` is a transpose for the forward (``y = x W'^T + b``) and
-  the identity for ``dx = dY W'``. With ``FUSED`` it forms every W' tile on the fly from W and B (strategy
-  "fused"); without, it is a plain tiled GEMM on a W' that :func:`build_bat_weight` wrote (strategy
-  "materialize" with ``gemm="triton"``).
-- ``_bat_build_kernel``: writes W' (N, K) in x's dtype, one (a*r) x (b*r) tile per program (strategy
-  "materialize"; the GEMM after it is cuBLAS by default).
-- ``_bat_dblock_kernel``: dB. A program owns ``a`` out-blocks and a slice of the in-blocks ("split"); per K tile
-  it accumulates ``G_tile = dY_tile^T x_tile`` over all of M in registers, then contracts it right there:
-  ``dB_i += Wv_i^T Gv_i + sum_j G_ij`` (Wv, Gv: the tile viewed as (a, r*b, r), rows (p, j), columns s/q).
-  G (N x K) is never written to memory.
+- ``_bat_gemm_kernel``: ``C = A @ op(W')``, ``op`` a transpose for the forward (``y = x W'^T + b``, bias in the
+  epilogue) and the identity for ``dx = dY W'``. With ``FUSED`` it forms each W' tile from W and B right before
+  the tile's ``tl.dot`` (strategy "fused"); without, it is a plain tiled GEMM on a W' that
+  :func:`materialize_weight` wrote (strategy "materialize" with ``gemm="triton"``).
+- ``_bat_build_kernel``: writes W' (N, K) in x's dtype, one tile per program (strategy "materialize"). The GEMM
+  after it is cuBLAS (``F.linear`` / ``torch.mm``) by default: NVIDIA's per-shape tuned kernels are the bar a
+  plain Triton GEMM can at best meet; the Triton GEMM is a config option for the autotuner.
+- ``_bat_dblock_kernel``: dB. A program owns out-blocks (or one out-block's column chunk) and a split of the
+  in-blocks; per K tile it accumulates ``G_tile = dY_tile^T x_tile`` over all of M in registers and contracts it
+  in the epilogue: ``dB_i += (W_ij + I)^T G_ij``. G (N x K) is never written to memory.
 
-Tiles are whole r x r blocks. An n-tile holds ``a = block_n // R`` out-blocks and a k-tile ``b = block_k // R``
-in-blocks, where R is r rounded up to a power of two (Triton tiles are powers of two); rows p >= r of a padded
-block are masked off, so r = 3 costs (4/3)^2 in wasted lanes and powers of two cost nothing. A tile
-``(a*R, b*R)`` reshapes for free to ``(a, R*b, R)`` (rows (p, j), columns s), which turns W' formation into
-one batched product per tile:
+When to use which: "fused" re-forms W' once per m-tile (``r / block_m`` extra tensor-core MACs per tile) and
+never writes it; "materialize" forms it once (memory bound: a read of W and a write of W') and re-reads it in
+the GEMM. Fused wins for few tokens, materialize for many; configs.py picks by M (a model until tuned).
 
-- R >= 16: ``tl.dot`` (2-D when a == 1, which keeps Hopper on wgmma, 3-D batched over the a out-blocks else);
-- 1 < R < 16: a broadcast multiply and ``tl.sum`` (Triton's dot needs an inner size of 16);
-- R == 1: elementwise, ``W' = W + (W * B + B)`` with B one scalar per row.
+Tilings. A tile spans ``block_n`` rows and ``block_k`` columns of W in lanes; an r-block takes R lanes, R = r
+rounded up to a power of two (lanes >= r are masked off: r = 3 wastes (1/4)^2 of a tile, powers of two nothing).
 
-Formation precision (config ``form_precision``; W' itself is always computed in fp32, fp64 for fp64 inputs):
-forming a W' element costs r MACs, and the fused kernel re-forms its N x K tiles once per m-tile, i.e.
-``r / block_m`` extra MACs over the GEMM (r=64, block_m=128: +50%). Done as fp32 FMA ("ieee") those MACs run on
-CUDA cores, ~15x slower than half-precision tensor cores (H100: 67 vs 989 dense TFLOP/s), so the formation
-alone would take ~7x the GEMM; "tf32x3" (three TF32 products, about fp32 accuracy) ~3x; "tf32" ~1x; operands
-in x's half dtype ~0.5x. (Peak-rate estimates, not measurements.) Hence the default "matched": the product
-``W_ij B_i`` uses the operand precision the main GEMM uses anyway: for fp16/bf16 x, W is already in x's dtype
-(exact) and only B is rounded to it, so the error of the delta is about one rounding of ``|W| |B|``, below or at
-the rounding of W' to x's dtype that the GEMM needs in any case (the identity part ``W_ij`` and the ``+ B_i``
-are added in fp32, exactly); for fp32 x it is "tf32" when torch allows TF32 matmuls and "tf32x3" when it does
-not (close to fp32 at a fifth of the FMA cost). "tf32x3" and "ieee" can be asked for explicitly. The
+- sub-block (R >= min(block_n, block_k), i.e. r >= 32 for the shipped tiles): the tile lies inside one out-block
+  and one in-block (lanes clamped to R). ``W'[p, q] = W[p, q] + sum_s W[p, s] B_i[s, q] + B_i[p, q]`` is a 2-D
+  ``tl.dot`` of the tile's rows (all R columns s of its in-block, in chunks of block_k) with ``B_i[:, q]``.
+- arranged (smaller r): ``block_n // R`` out-blocks x ``block_k // R`` in-blocks per tile, loaded in the
+  block-row arrangement (a, R*b, R), element [ia, p*b + jb, s] = W[(i0+ia) r + p, (j0+jb) r + s], where
+  ``W'_ij = W_ij (I + B_i) + B_i`` is one batched product plus B broadcast over jb, and which reshapes for free
+  to the (block_n, block_k) tile: a 3-D ``tl.dot`` for R >= 16, a broadcast multiply-sum below (``tl.dot``
+  needs an inner size of 16), elementwise ``W + W*B + B`` for r = 1.
+
+Formation precision (config ``form_precision``; W' is always formed in fp32, fp64 for fp64 inputs, and rounded
+once to x's dtype for the GEMM). Forming an element costs r MACs, so the fused kernel adds ``r / block_m`` of
+the GEMM's MACs (r = 64, block_m = 128: +50%). As fp32 FMA ("ieee") those run on CUDA cores, ~15x slower than
+half-precision tensor cores (H100: 67 vs 989 dense TFLOP/s): the formation alone would take ~7x the GEMM;
+"tf32x3" (three TF32 products, close to fp32) ~3x; "tf32" ~1x; operands in x's half dtype ~0.5x (peak-rate
+estimates, not measurements). Default "matched": the product ``W_ij B_i`` takes the operand precision the main
+GEMM uses anyway. For fp16/bf16 x, W is already in x's dtype (exact) and only B is rounded to it, so the delta
+carries about one rounding of ``|W| |B|``, at or below the rounding of W' to x's dtype that the GEMM needs in any
+case; ``W_ij`` and ``+ B_i`` are added in fp32, exactly. For fp32 x it is "tf32" when torch allows TF32 matmuls,
+else "tf32x3" (close to fp32 at a fifth of the FMA cost). "tf32x3" and "ieee" can be asked for explicitly. The
 materialize strategy forms W' once (``r / M`` of the GEMM, memory bound), so its default is "tf32x3".
 
-The main GEMM's fp32 ``tl.dot`` follows ``torch.backends.cuda.matmul.allow_tf32`` ("ieee" when False). dB's
-epilogue ``Wv_i^T Gv_i`` costs ``r / M`` of the G product; its precision is ``db_precision`` ("matched": TF32 for
-half inputs, whose W is exact in TF32; for fp32 "tf32" or "tf32x3" as above).
+The GEMMs' fp32 ``tl.dot`` (fp32 x) follows ``torch.backends.cuda.matmul.allow_tf32`` ("ieee" when False). dB's
+epilogue costs ``r / M`` of the G product; its precision is the config's ``dblock.precision`` ("matched": TF32
+for fp16/bf16 inputs, whose W is exact in TF32 while G is rounded to 2^-11; for fp32 "tf32" or "tf32x3" as above).
 
-Determinism: dB with ``db_reduce="partials"`` (default) writes one fp32 (split, N/r, r, r) partial per K split
+Determinism: dB with ``dblock.reduce="partials"`` (default) writes one fp32 (split, N/r, r, r) partial per K split
 and sums them in a fixed order: bitwise reproducible. ``"atomic"`` adds into one buffer with ``tl.atomic_add``
-(no extra memory, order varies run to run). Everything else is deterministic.
+(no split-sized buffer; the order varies run to run). Everything else is deterministic.
 
 Offsets are int32 unless some tensor's largest element offset ``sum((size - 1) * stride)`` passes 2^31 - 1; then
 the kernel is specialised (``INT64``): its strides become int64, so every ``index * stride`` is computed in int64
@@ -63,6 +68,7 @@ cast to fp32 when ``INTERPRET`` is set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -631,6 +637,7 @@ def _db_precision(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_preci
     return choice
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -737,7 +744,7 @@ def _launch_gemm(
     return out
 
 
-def build_bat_weight(
+def materialize_weight(
     weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype, tiles: Tiles, form_precision: str = "tf32x3"
 ) -> torch.Tensor:
     """W' (N, K) in ``dtype``, ``W'_ij = W_ij (I + B_i) + B_i`` formed in the delta dtype by one kernel launch.
@@ -761,7 +768,7 @@ def build_bat_weight(
     return out
 
 
-def bat_block_grad(
+def block_gradient(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -803,7 +810,7 @@ def bat_block_grad(
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *out.stride(),
             **meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
-    db = out[0] if out.shape[0] == 1 else out.sum(0)  # fixed-order sum of the partials: deterministic
+        db = out[0] if out.shape[0] == 1 else out.sum(0)  # fixed-order sum of the partials: deterministic
     return db.to(block.dtype)
 
 
@@ -890,7 +897,7 @@ def bat_forward(
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         with nvtx_range("bonekern.bat.forward_fused"):
             return _launch_gemm(x, weight, block, bias, y, forward=True, tiles=plan.tiles, fd=fd, form=form)
-    w_prime = build_bat_weight(weight, block, x.dtype, plan.build, plan.form_precision)
+    w_prime = materialize_weight(weight, block, x.dtype, plan.build, plan.form_precision)
     if plan.gemm == "cublas":
         with nvtx_range("bonekern.bat.forward_cublas"):
             return torch.nn.functional.linear(x, w_prime, bias)
@@ -923,7 +930,7 @@ def bat_backward(
             with nvtx_range("bonekern.bat.dx_fused"):
                 _launch_gemm(dy, weight, block, None, dx, forward=False, tiles=plan.dx, fd=fd, form=form)
         else:
-            w_prime = build_bat_weight(weight, block, dy.dtype, plan.build, plan.form_precision)
+            w_prime = materialize_weight(weight, block, dy.dtype, plan.build, plan.form_precision)
             if plan.gemm == "cublas":
                 with nvtx_range("bonekern.bat.dx_cublas"):
                     dx = torch.mm(dy, w_prime)
@@ -933,7 +940,7 @@ def bat_backward(
                     _launch_gemm(dy, w_prime, None, None, dx, forward=False, tiles=plan.dx, fd=fd, form=form)
             del w_prime  # a transient of this call only
     if need_dblock:
-        dblock = bat_block_grad(dy, x, weight, block, plan.dblock, plan.split_k, plan.reduce, plan.db_precision)
+        dblock = block_gradient(dy, x, weight, block, plan.dblock, plan.split_k, plan.reduce, plan.db_precision)
     return dx, dblock
 
 
