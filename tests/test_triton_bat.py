@@ -149,6 +149,18 @@ CASES = [
         bwd_config("materialize", "m32n32k32w4s1", "m32n64k64w4s1", gemm="triton", build="n32k32w4s1"),
     ),
     (
+        "r2-bf16-fused-one-token",  # M = 1; R = 2 broadcast formation in bf16
+        dict(lead=(1,), n=8, k=10, r=2, dtype=torch.bfloat16),
+        fwd_config("fused", "m16n16k16w4s1"),
+        bwd_config("fused", "m16n16k16w4s1", "m16n16k16w4s1"),
+    ),
+    (
+        "r128-fp16-materialize-cublas",  # sub-block build with two s-chunks
+        dict(lead=(3,), n=128, k=256, r=128, dtype=torch.float16),
+        fwd_config("materialize", "m16n64k64w4s1", build="n64k64w4s1"),
+        bwd_config("materialize", "m16n64k64w4s1", "m16n64k128w4s1", build="n64k64w4s1", split_k=2),
+    ),
+    (
         "r16-fp16-materialize-cublas",  # W' build kernel + torch.mm (cuBLAS on a GPU)
         dict(lead=(2, 9), n=48, k=32, r=16, dtype=torch.float16),
         fwd_config("materialize", "m32n32k32w4s1", build="n32k32w4s1"),
@@ -164,6 +176,18 @@ def test_kernels_match_reference(case):
     shape = dict(shape)
     p = make_problem("bat", shape.pop("lead"), seed=len(name), **shape)
     check_kernels(p, fwd, bwd, name)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "materialize"])
+def test_column_major_x(strategy):
+    """x stored transposed (strides (1, M)): the kernels read it through its strides."""
+    backend_or_skip("triton")
+    p = make_problem("bat", (19,), 32, 48, 8, seed=3)
+    p.x = p.x.t().contiguous().t()
+    assert p.x.stride() == (1, 19)
+    fwd = fwd_config(strategy, "m16n16k16w4s1", gemm="triton", build="n16k16w4s1")
+    bwd = bwd_config(strategy, "m16n16k16w4s1", "m16n16k16w4s1", gemm="triton", build="n16k16w4s1", split_k=2)
+    check_kernels(p, fwd, bwd, f"column-major/{strategy}")
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,19 @@ def _load_b2(BLK, i, s, q, NB, stride_bi, stride_bs, stride_bq, r: tl.constexpr,
 
 
 @triton.jit
+def _load_sub_b(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, BN: tl.constexpr, BK: tl.constexpr,
+                R: tl.constexpr, r: tl.constexpr, FD: tl.constexpr):  # fmt: skip
+    """B for a sub-block tile: (b_sq, b_pq) = (B_i[:, q] (R, BK), B_i[p, q] (BN, BK)), one load when they are the
+    same tile (BN == R). b_sq is only needed when BK == R (else :func:`_form_sub` loads B in chunks)."""
+    b_pq = _load_b2(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, r, FD)
+    if BK == R and BN != R:
+        b_sq = _load_b2(BLK, i, tl.arange(0, R), q, NB, stride_bi, stride_bs, stride_bq, r, FD)
+    else:
+        b_sq = b_pq
+    return b_sq, b_pq
+
+
+@triton.jit
 def _product(a, b, FD: tl.constexpr, OPS_INPUT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """``a @ b`` (2-D or batched 3-D) in FD. a: W values in W's dtype; b: B values in FD. OPS_INPUT: operands in
     W's (half) dtype, B rounded to it; else FD operands at ``input_precision=PREC``."""
@@ -282,8 +295,7 @@ def _bat_gemm_kernel(
         if SUB:
             i, p = _sub_coords(pid_c, BN, R)
             q = tl.arange(0, BK)
-            b_pq = _load_b2(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, r, FD)
-            b_sq = _load_b2(BLK, i, tl.arange(0, R), q, NB, stride_bi, stride_bs, stride_bq, r, FD)
+            b_sq, b_pq = _load_sub_b(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, BN, BK, R, r, FD)
         else:
             b3, b_x = _load_b_arranged(BLK, pid_c * (BN // R), NB, stride_bi, stride_bs, stride_bq, BN // R, BK // R,
                                        R, r, FD)  # fmt: skip
@@ -316,11 +328,7 @@ def _bat_gemm_kernel(
                 j, q = _sub_coords(k_tile, BK, R)
                 if not PRELOAD:
                     i, p = _sub_coords(n_tile, BN, R)
-                    b_pq = _load_b2(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, r, FD)
-                    if BK == R:
-                        b_sq = _load_b2(BLK, i, tl.arange(0, R), q, NB, stride_bi, stride_bs, stride_bq, r, FD)
-                    else:
-                        b_sq = b_pq  # unused: _form_sub loads B in chunks
+                    b_sq, b_pq = _load_sub_b(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, BN, BK, R, r, FD)
                 w = _form_sub(w, W, BLK, rows, row_ok, i, j, q, b_sq, b_pq, NB, stride_wn, stride_wk, stride_bi,
                               stride_bs, stride_bq, BN, BK, R, r, FD, OPS_INPUT, FORM_PREC, INTERPRET)  # fmt: skip
         if FUSED:
@@ -365,11 +373,7 @@ def _bat_build_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
         i, p = _sub_coords(n_tile, BN, R)
         j, q = _sub_coords(k_tile, BK, R)
-        b_pq = _load_b2(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, r, FD)
-        if BK == R:
-            b_sq = _load_b2(BLK, i, tl.arange(0, R), q, NB, stride_bi, stride_bs, stride_bq, r, FD)
-        else:
-            b_sq = b_pq
+        b_sq, b_pq = _load_sub_b(BLK, i, p, q, NB, stride_bi, stride_bs, stride_bq, BN, BK, R, r, FD)
         w_prime = _form_sub(w, W, BLK, rows, row_ok, i, j, q, b_sq, b_pq, NB, stride_wn, stride_wk, stride_bi,
                             stride_bs, stride_bq, BN, BK, R, r, FD, OPS_INPUT, FORM_PREC, INTERPRET)  # fmt: skip
     else:
@@ -501,9 +505,9 @@ DB_REDUCES = ("partials", "atomic")
 
 @dataclass(frozen=True)
 class Tiles:
-    """One kernel's launch shape. ``block_n``/``block_k`` are in elements of W's rows/columns and are rounded to
-    whole (power-of-two padded) r-blocks: ``max(1, block_n // R)`` blocks per tile. ``block_m`` is unused by the
-    W' build kernel."""
+    """One kernel's launch shape: ``block_n`` / ``block_k`` lanes of W's rows / columns per tile (fitted to r by
+    :func:`_tiling`), ``block_m`` rows of x / dY (unused by the W' build kernel), warps, pipeline stages, and the
+    program grouping along M (``group_m``, GEMM kernels only)."""
 
     block_n: int
     block_k: int
@@ -511,10 +515,6 @@ class Tiles:
     num_stages: int
     block_m: int = 16
     group_m: int = 8
-
-    def blocks(self, rp: int) -> tuple[int, int]:
-        """(A, BB): out-blocks per n-tile and in-blocks per k-tile for padded block size ``rp``."""
-        return max(1, self.block_n // rp), max(1, self.block_k // rp)
 
 
 def _tiles(config: Config, where: str, extra: tuple[str, ...] = ()) -> Tiles:
