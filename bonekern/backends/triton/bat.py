@@ -112,7 +112,7 @@ def _wide(stride, INT64: tl.constexpr):
     """``stride`` as int64 when INT64 (then every ``index * stride`` offset is computed in int64), else as is.
     Indices themselves stay int32: each is below M, N or K."""
     if INT64:
-        return tl.cast(stride, tl.int64)
+        stride = tl.cast(stride, tl.int64)
     return stride
 
 
@@ -603,10 +603,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 _SHORT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def _main_precision(device: torch.device) -> str:
-    """input_precision of fp32 GEMM dots: "tf32" exactly when torch would use TF32 for an fp32 matmul on the
-    GPU (``torch.backends.cuda.matmul.allow_tf32``), else "ieee"."""
-    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _main_precision(device: torch.device, fd: torch.dtype = torch.float32) -> str:
+    """input_precision of the GEMM dots: "tf32" exactly when torch would use TF32 for an fp32 matmul on the GPU
+    (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always for the fp64 delta dtype)."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and fd != torch.float64
+    return "tf32" if tf32 else "ieee"
 
 
 def _form_mode(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_precision: str) -> tuple[bool, str]:
@@ -727,7 +728,7 @@ def _launch_gemm(
     r = block.shape[-1] if fused else 1
     meta = _gemm_constexprs(
         forward=forward, fused=fused, has_bias=bias is not None, r=r, tiles=tiles, fd=fd, form=form,
-        main_precision=_main_precision(a.device), int64=_needs_int64(a, weight, out),
+        main_precision=_main_precision(a.device, fd), int64=_needs_int64(a, weight, out),
     )  # fmt: skip
     n, k = weight.shape
     nb, kb = n // r, k // r
@@ -798,7 +799,7 @@ def block_gradient(
         out = torch.empty((1, nb, r, r), dtype=block.dtype, device=x.device)
     else:
         out = torch.empty((splits, nb, r, r), dtype=fd, device=x.device)
-    main = _main_precision(x.device)
+    main = _main_precision(x.device, fd)
     meta = _dblock_constexprs(
         r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=_db_precision(db_precision, x.dtype, fd, main),
         atomic=atomic, int64=_needs_int64(dy, x, weight, out),
