@@ -99,12 +99,24 @@ def test_bad_input(over, exc, words):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
-def test_unavailable_backend_says_why(backend):
-    reason = bonekern.backends.unavailable_reason(backend, "cpu")
-    if reason is None:
-        pytest.skip(f"{backend} runs on this CPU (interpreter or host shim), so it is not unavailable")
-    with pytest.raises(BackendUnavailableError, match=f"backend '{backend}' cannot run on cpu: .+"):
-        call(**args(backend=backend))
+def test_unavailable_backend_says_why(backend, monkeypatch):
+    """On the CPU, Triton runs only through the interpreter and CuPy only through the test suite's host shim;
+    without them a named backend must fail with the reason, not fall back silently."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        reason = bonekern.backends.unavailable_reason(backend, "cpu")
+        assert reason is not None and "CUDA" in reason
+        with pytest.raises(BackendUnavailableError, match=r"backend 'triton' cannot run on cpu: .*CUDA"):
+            call(**args(backend=backend))
+        return
+    from bonekern.backends.cupy.launcher import install_launcher
+
+    previous = install_launcher("cpu", None)
+    try:
+        with pytest.raises(BackendUnavailableError, match=r"backend 'cupy' cannot run on cpu: .+"):
+            call(**args(backend=backend))
+    finally:
+        install_launcher("cpu", previous)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
