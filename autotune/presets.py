@@ -1,4 +1,5 @@
-"""Linear-layer shapes of popular models, for ``python -m autotune tune --model``.
+"""Linear-layer shapes of popular models, for ``python -m autotune tune --model`` and ``python -m bench --suite``
+(the one place these model dimensions are written).
 
 Each preset is the attention and MLP projections of one decoder layer, written as (N = out_features,
 K = in_features) like ``nn.Linear.weight``, derived from the model's HuggingFace ``config.json``:
@@ -19,6 +20,8 @@ class ModelConfig:
     intermediate_size: int
     num_attention_heads: int
     num_key_value_heads: int
+    attention_bias: bool = False
+    """q, k and v projections carry a bias (Qwen2); o and the MLP never do in these models."""
 
     @property
     def head_dim(self) -> int:
@@ -32,8 +35,10 @@ MODELS: dict[str, ModelConfig] = {
     "Llama-2-13B": ModelConfig(5120, 13824, 40, 40),
     # meta-llama/Meta-Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 KV heads
     "Llama-3-8B": ModelConfig(4096, 14336, 32, 8),
-    # Qwen/Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads, 4 KV heads (head_dim 128)
-    "Qwen2.5-7B": ModelConfig(3584, 18944, 28, 4),
+    # Qwen/Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads, 4 KV heads (head_dim 128), q/k/v bias
+    "Qwen2.5-7B": ModelConfig(3584, 18944, 28, 4, attention_bias=True),
+    # TinyLlama/TinyLlama-1.1B: hidden 2048, intermediate 5632, 32 heads, 4 KV heads (bench's quick suite)
+    "TinyLlama-1.1B": ModelConfig(2048, 5632, 32, 4),
 }
 
 LAYERS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")

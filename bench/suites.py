@@ -1,10 +1,10 @@
 """What the bench measures: layer shapes of real models, grouped into presets (``--suite``), and the cases built
 from them.
 
-Model dimensions are copied from each model's Hugging Face ``config.json`` (hidden_size, intermediate_size,
-num_attention_heads, num_key_value_heads, head_dim, attention bias); the projection shapes are derived from them
-in :func:`projections`, so each fact is written once. Projections with the same (in, out, bias) are one problem
-and are measured once, labelled with every projection name they stand for (e.g. ``q_proj/o_proj``).
+Model dimensions live in :mod:`autotune.presets` (copied from each model's Hugging Face ``config.json``); the
+projection shapes are derived from them in :func:`projections`, so each fact is written once. Projections with
+the same (in, out, bias) are one problem and are measured once, labelled with every projection name they stand
+for (e.g. ``q_proj/o_proj``).
 """
 
 from __future__ import annotations
@@ -13,29 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from autotune.presets import MODELS, layer_shapes
 
-@dataclass(frozen=True)
-class ModelDims:
-    """The parts of a decoder's config that fix its linear layers' shapes."""
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    qkv_bias: bool
-
-
-MODELS: dict[str, ModelDims] = {
-    # meta-llama/Llama-2-7b-hf: multi-head attention (32 kv heads), no biases.
-    "llama2-7b": ModelDims(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, qkv_bias=False),
-    # meta-llama/Meta-Llama-3-8B: grouped-query attention with 8 kv heads, no biases.
-    "llama3-8b": ModelDims(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, qkv_bias=False),
-    # Qwen/Qwen2.5-7B: 28 heads, 4 kv heads; q/k/v carry a bias, o_proj and the MLP do not.
-    "qwen2.5-7b": ModelDims(hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128, qkv_bias=True),
-    # TinyLlama/TinyLlama-1.1B: the quick suite's model (small enough for a 2-core CPU).
-    "tinyllama-1.1b": ModelDims(hidden=2048, intermediate=5632, heads=32, kv_heads=4, head_dim=64, qkv_bias=False),
+SUITE_MODELS: dict[str, str] = {
+    "llama2-7b": "Llama-2-7B",
+    "llama3-8b": "Llama-3-8B",
+    "qwen2.5-7b": "Qwen2.5-7B",
+    "tinyllama-1.1b": "TinyLlama-1.1B",
 }
+"""Bench model names -> the model presets of :mod:`autotune.presets`, where the dimensions are written."""
 
 
 @dataclass(frozen=True)
@@ -56,21 +42,12 @@ class LayerShape:
 def projections(model: str) -> list[LayerShape]:
     """The 7 projections of one decoder layer of ``model``, identical shapes merged, in q, k, v, o, gate, up,
     down order."""
-    d = MODELS[model]
-    q_out = d.heads * d.head_dim
-    kv_out = d.kv_heads * d.head_dim
-    named = [
-        ("q_proj", d.hidden, q_out, d.qkv_bias),
-        ("k_proj", d.hidden, kv_out, d.qkv_bias),
-        ("v_proj", d.hidden, kv_out, d.qkv_bias),
-        ("o_proj", q_out, d.hidden, False),
-        ("gate_proj", d.hidden, d.intermediate, False),
-        ("up_proj", d.hidden, d.intermediate, False),
-        ("down_proj", d.intermediate, d.hidden, False),
-    ]
+    preset = SUITE_MODELS[model]
+    config = MODELS[preset]
     groups: dict[tuple[int, int, bool], list[str]] = {}
-    for layer, k, n, bias in named:
-        groups.setdefault((k, n, bias), []).append(layer)
+    for shape in layer_shapes(preset):
+        bias = config.attention_bias and shape.layer in ("q", "k", "v")
+        groups.setdefault((shape.k, shape.n, bias), []).append(f"{shape.layer}_proj")
     return [LayerShape(model, tuple(layers), k, n, bias) for (k, n, bias), layers in groups.items()]
 
 
@@ -94,11 +71,12 @@ class Suite:
 
 
 def _model_suite(model: str) -> Suite:
-    d = MODELS[model]
+    d = MODELS[SUITE_MODELS[model]]
     return Suite(
         model,
-        f"every projection of one {model} decoder layer (hidden {d.hidden}, intermediate {d.intermediate}, "
-        f"{d.heads} heads, {d.kv_heads} kv heads{', q/k/v bias' if d.qkv_bias else ''})",
+        f"every projection of one {model} decoder layer (hidden {d.hidden_size}, intermediate "
+        f"{d.intermediate_size}, {d.num_attention_heads} heads, {d.num_key_value_heads} kv heads"
+        f"{', q/k/v bias' if d.attention_bias else ''})",
         tuple(projections(model)),
     )
 
