@@ -170,7 +170,7 @@ def test_bone_keeps_x_when_weight_trains():
 
 def test_saved_tensor_check_detects_peft_bat():
     """The check above can fail: PEFT's bat layer keeps weight-sized tensors (W' and a temporary)."""
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="needs the peft package (pip install 'bonekern[peft]')")
 
     class Net(nn.Module):
         def __init__(self):

@@ -15,7 +15,7 @@ from torch import nn
 from bonekern import bone_linear
 from bonekern.backends import BACKEND_NAMES, unavailable_reason
 
-peft = pytest.importorskip("peft")
+peft = pytest.importorskip("peft", reason="needs the peft package (pip install 'bonekern[peft]')")
 
 INIT = {"bone": True, "bat": "bat", "mini": "mini"}
 
