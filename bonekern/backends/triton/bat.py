@@ -68,7 +68,6 @@ cast to fp32 when ``INTERPRET`` is set.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -80,7 +79,7 @@ from ...profiling import nvtx_range
 from ...validation import delta_dtype
 from ..base import Config, OpProblem
 from . import configs
-from .common import AotCase, interpreting
+from .common import TRITON_TYPE_NAMES, AotCase, fp32_dot_precision, interpreting, needs_int64
 
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers (@triton.jit), shared by the kernels below.
@@ -567,18 +566,6 @@ def _complete(config: Config, default: Config, where: str) -> Config:
 # Host helpers: everything a launch needs besides the tensors, shared by the launchers and aot_cases().
 # ----------------------------------------------------------------------------------------------------------
 
-_INT32_LIMIT = 2**31 - 1
-
-
-def _needs_int64(*tensors: torch.Tensor | None) -> bool:
-    """True when some tensor's largest element offset ``sum((size - 1) * |stride|)`` does not fit in int32."""
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            continue
-        if sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True)) > _INT32_LIMIT:
-            return True
-    return False
-
 
 def _padded(r: int) -> int:
     """R: r rounded up to a power of two, the lane count of one r-block in a tile."""
@@ -600,14 +587,6 @@ def _count_tiles(blocks: int, lanes: int, rp: int) -> int:
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-_SHORT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _main_precision(device: torch.device, fd: torch.dtype = torch.float32) -> str:
-    """input_precision of the GEMM dots: "tf32" exactly when torch would use TF32 for an fp32 matmul on the GPU
-    (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always for the fp64 delta dtype)."""
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and fd != torch.float64
-    return "tf32" if tf32 else "ieee"
 
 
 def _form_mode(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_precision: str) -> tuple[bool, str]:
@@ -636,13 +615,6 @@ def _db_precision(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_preci
             return "tf32"
         return "tf32x3"
     return choice
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 def _gemm_constexprs(
@@ -702,7 +674,7 @@ def _splits(config_split: int, programs: int, units: int, device: torch.device) 
     """K splits of the dB kernel: the config's, or (0) enough for about two programs per SM."""
     if config_split > 0:
         return min(config_split, units)
-    return max(1, min(units, math.ceil(2 * _sm_count(device) / programs)))
+    return max(1, min(units, math.ceil(2 * configs.sm_count(device) / programs)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,7 +700,7 @@ def _launch_gemm(
     r = block.shape[-1] if fused else 1
     meta = _gemm_constexprs(
         forward=forward, fused=fused, has_bias=bias is not None, r=r, tiles=tiles, fd=fd, form=form,
-        main_precision=_main_precision(a.device, fd), int64=_needs_int64(a, weight, out),
+        main_precision=fp32_dot_precision(a.device, fd), int64=needs_int64(a, weight, out),
     )  # fmt: skip
     n, k = weight.shape
     nb, kb = n // r, k // r
@@ -756,8 +728,8 @@ def materialize_weight(
     r = block.shape[-1]
     fd = delta_dtype(weight.dtype, block.dtype)
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    form = _form_mode(form_precision, weight.dtype, fd, _main_precision(weight.device))
-    meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=_needs_int64(weight, out))
+    form = _form_mode(form_precision, weight.dtype, fd, fp32_dot_precision(weight.device))
+    meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=needs_int64(weight, out))
     grid = (_count_tiles(n // r, meta["BN"], meta["R"]), _count_tiles(k // r, meta["BK"], meta["R"]))
     with nvtx_range("bonekern.bat.build_weight"):
         _bat_build_kernel[grid](
@@ -799,10 +771,10 @@ def block_gradient(
         out = torch.empty((1, nb, r, r), dtype=block.dtype, device=x.device)
     else:
         out = torch.empty((splits, nb, r, r), dtype=fd, device=x.device)
-    main = _main_precision(x.device, fd)
+    main = fp32_dot_precision(x.device, fd)
     meta = _dblock_constexprs(
         r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=_db_precision(db_precision, x.dtype, fd, main),
-        atomic=atomic, int64=_needs_int64(dy, x, weight, out),
+        atomic=atomic, int64=needs_int64(dy, x, weight, out),
     )  # fmt: skip
     with nvtx_range("bonekern.bat.dblock"):
         _bat_dblock_kernel[(programs, splits)](
@@ -893,7 +865,7 @@ def bat_forward(
     problem = OpProblem.from_tensors("bat_forward", x.shape[0], weight, block, x.dtype)
     plan = ForwardPlan.parse(config, configs.default_config(problem))
     fd = delta_dtype(x.dtype, block.dtype)
-    form = _form_mode(plan.form_precision, x.dtype, fd, _main_precision(x.device))
+    form = _form_mode(plan.form_precision, x.dtype, fd, fp32_dot_precision(x.device))
     if plan.strategy == "fused":
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         with nvtx_range("bonekern.bat.forward_fused"):
@@ -925,7 +897,7 @@ def bat_backward(
     fd = delta_dtype(x.dtype, block.dtype)
     dx = dblock = None
     if need_dx:
-        form = _form_mode(plan.form_precision, dy.dtype, fd, _main_precision(dy.device))
+        form = _form_mode(plan.form_precision, dy.dtype, fd, fp32_dot_precision(dy.device))
         if plan.strategy == "fused":
             dx = torch.empty(dy.shape[0], weight.shape[1], dtype=dy.dtype, device=dy.device)
             with nvtx_range("bonekern.bat.dx_fused"):
@@ -975,7 +947,7 @@ constant 1, so the AOT cases do the same."""
 def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, tiles: Tiles, name: str, dtype) -> AotCase:
     constexprs = {**{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names}, **meta}
     signature = {
-        a: "constexpr" if a in constexprs else f"*{_SHORT_NAMES[pointers[a]]}" if a in pointers else "i32"
+        a: "constexpr" if a in constexprs else f"*{TRITON_TYPE_NAMES[str(pointers[a])]}" if a in pointers else "i32"
         for a in fn.arg_names
     }
     return AotCase(
@@ -986,7 +958,7 @@ def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, til
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         config_name=name,
-        dtype=_SHORT_NAMES[dtype],
+        dtype=TRITON_TYPE_NAMES[str(dtype)],
     )
 
 

@@ -74,11 +74,14 @@ def needs_int64(*tensors: Any) -> bool:
     return False
 
 
-def fp32_dot_precision(device: Any) -> str:
-    """``input_precision`` for fp32 ``tl.dot``: "tf32" exactly when torch would use TF32 for an fp32 matmul on
-    ``device`` (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always on the CPU interpreter)."""
+def fp32_dot_precision(device: Any, acc_dtype: Any = None) -> str:
+    """``input_precision`` for a ``tl.dot`` on fp32 operands: "tf32" exactly when torch would use TF32 for an fp32
+    matmul on ``device`` (``torch.backends.cuda.matmul.allow_tf32``), else "ieee": always on the CPU interpreter,
+    and always when the dot accumulates in float64 (``acc_dtype=torch.float64``: fp64 inputs keep fp64 accuracy)."""
     import torch
 
+    if acc_dtype == torch.float64:
+        return "ieee"
     if getattr(device, "type", device) == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
