@@ -197,8 +197,9 @@ BAT_TABLE_FP32: dict[str, dict] = {
         dblock="m64n64k32w4s3",
     ),
     "r32": dict(
-        fwd=("m64n32k32w4s3",),
-        dx=("m64n32k32w4s3",),
+        # 8 warps: with 4, the (R, BK) and (BN, BK) B tiles the r = 32 forward keeps in registers spill.
+        fwd=("m64n32k32w8s3",),
+        dx=("m64n32k32w8s3",),
         build="n32k32w4s1",
         dblock="m64n32k32w4s3",
     ),
