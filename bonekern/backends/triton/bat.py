@@ -930,21 +930,85 @@ AOT_SPECS: tuple[tuple[int, torch.dtype, bool], ...] = (
     (256, torch.bfloat16, True),
     (8, torch.float32, True),
     (16, torch.float32, True),
+    (32, torch.float32, True),
     (64, torch.float32, True),
     (128, torch.float32, True),
 )
-"""(r, x's dtype, default tile set only) of the AOT cases: one r per class of configs.py (broadcast formation,
-3-D ``tl.dot``, sub-block with one and with several s-chunks), every candidate in bf16, the default tile set in
-fp32 and for r = 256."""
-
-AOT_ARCHS: tuple[str, ...] = ("sm80", "sm90")
+"""(r, x's dtype, default tile set only) of the baseline's AOT cases: one r per r class of configs.py (broadcast
+formation, 3-D ``tl.dot``, sub-block with one and with several s-chunks) for each dtype family's tables, every
+candidate in bf16, the default tile set in fp32 and for r = 256. fp16 compiles to bf16's code with the other MMA
+type; fp16, fp64 and the other inputs are compiled by :data:`CHECKED_SPECIALISATIONS`."""
 
 _UNIT_STRIDES = ("stride_ak", "stride_wk", "stride_bq", "stride_cn", "stride_ok", "stride_xk", "stride_dn", "stride_oq")
 """Strides that are 1 for contiguous tensors; Triton's launcher specialises an int argument equal to 1 into the
 constant 1, so the AOT cases do the same."""
 
+AOT_KERNELS: tuple[str, ...] = (
+    "bat_fwd_fused",
+    "bat_fwd_gemm",
+    "bat_dx_fused",
+    "bat_dx_gemm",
+    "bat_build",
+    "bat_dblock",
+)
+"""AOT kernel names: the GEMM kernel as the forward / dx launch it, fused (W' formed per tile) or plain (on a
+materialized W'), the W' build kernel and the dB kernel."""
 
-def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, tiles: Tiles, name: str, dtype) -> AotCase:
+
+def _tile_name(tiles: Tiles, with_m: bool = True) -> str:
+    return configs.bat_tile_name(
+        tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages, tiles.block_m if with_m else None
+    )
+
+
+def _aot_case(
+    kernel: str,
+    x_dtype: torch.dtype,
+    r: int,
+    tiles: Tiles,
+    *,
+    archs: tuple[str, ...] = configs.SHIPPED_ARCHS,
+    block_dtype: torch.dtype = torch.float32,
+    form_precision: str = "matched",
+    bias: bool = True,
+    tf32: bool = False,
+    int64: bool = False,
+    atomic: bool = False,
+    variant: str = "",
+    in_baseline: bool = True,
+) -> AotCase:
+    """The specialisation of ``kernel`` (one of :data:`AOT_KERNELS`) that the launchers compile for contiguous
+    inputs: x, W, dY and the outputs in ``x_dtype``, the block in ``block_dtype``, block size ``r``, ``tiles``,
+    ``form_precision`` (W' formation), a forward ``bias``, torch's ``allow_tf32`` = ``tf32``, ``int64`` offsets,
+    an ``atomic`` dB reduction. Unit strides become the constant 1, every other integer is i32.
+
+    ``config_name``: the tile set's name (build tiles without "m"), then ".r<r>" (not for the plain GEMMs, whose
+    code does not depend on r), then ".<variant>" when given.
+    """
+    fd = delta_dtype(x_dtype, block_dtype)
+    main = "tf32" if tf32 and fd != torch.float64 else "ieee"  # fp32_dot_precision on a GPU with this allow_tf32
+    form = _form_mode(form_precision, x_dtype, fd, main)
+    if kernel == "bat_build":
+        fn, name = _bat_build_kernel, f"{_tile_name(tiles, with_m=False)}.r{r}"
+        pointers = {"W": x_dtype, "BLK": block_dtype, "OUT": x_dtype}
+        meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=int64)
+    elif kernel == "bat_dblock":
+        fn, name = _bat_dblock_kernel, f"{_tile_name(tiles)}.r{r}"
+        pointers = {"DY": x_dtype, "X": x_dtype, "W": x_dtype, "OUT": fd}
+        epi = _db_precision("matched", x_dtype, fd, main)
+        meta = _dblock_constexprs(
+            r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=epi, atomic=atomic, int64=int64
+        )
+    elif kernel in AOT_KERNELS:
+        forward, fused = kernel.startswith("bat_fwd"), kernel.endswith("_fused")
+        fn, name = _bat_gemm_kernel, f"{_tile_name(tiles)}.r{r}" if fused else _tile_name(tiles)
+        pointers = {"A_PTR": x_dtype, "W": x_dtype, "BLK": block_dtype, "BIAS": x_dtype, "C": x_dtype}
+        meta = _gemm_constexprs(
+            forward=forward, fused=fused, has_bias=forward and bias, r=r, tiles=tiles, fd=fd, form=form,
+            main_precision=main, int64=int64,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"kernel must be one of {AOT_KERNELS}; got {kernel!r}")
     constexprs = {**{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names}, **meta}
     signature = {
         a: "constexpr" if a in constexprs else f"*{TRITON_TYPE_NAMES[str(pointers[a])]}" if a in pointers else "i32"
@@ -957,72 +1021,80 @@ def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, til
         constexprs=constexprs,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        config_name=name,
-        dtype=TRITON_TYPE_NAMES[str(dtype)],
+        config_name=f"{name}.{variant}" if variant else name,
+        dtype=TRITON_TYPE_NAMES[str(x_dtype)],
+        archs=archs,
+        in_baseline=in_baseline,
     )
 
 
 def _cases_for(arch: str, r: int, dtype: torch.dtype, default_tiles_only: bool) -> list[AotCase]:
     """The kernel specialisations the shipped configs of ``arch`` launch for contiguous inputs of ``dtype`` (block
-    fp32, the PEFT default; torch's default allow_tf32=False for fp32), block size ``r``, large M, N, K."""
-    block_dtype = torch.float32
-    fd = delta_dtype(dtype, block_dtype)
-    main = "ieee" if dtype == torch.float32 else "tf32"
+    fp32, the PEFT default; torch's default allow_tf32=False), block size ``r``, large M, N, K (int32 offsets)."""
     out: list[AotCase] = []
-    gemm_ptrs = {"A_PTR": dtype, "W": dtype, "BLK": block_dtype, "BIAS": dtype, "C": dtype}
-    build_ptrs = {"W": dtype, "BLK": block_dtype, "OUT": dtype}
-    dblock_ptrs = {"DY": dtype, "X": dtype, "W": dtype, "OUT": torch.float32}
     for op in ("bat_forward", "bat_backward"):
-        problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, block_dtype, torch.device("cpu"))
+        problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, torch.float32, torch.device("cpu"))
         candidates = configs.candidate_configs_for(problem, arch)
         if default_tiles_only:  # the default tile set (both strategies) and the Triton GEMM
             candidates = [c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"]
         for cfg in candidates:
             forward = op == "bat_forward"
             plan = ForwardPlan.parse(cfg, cfg) if forward else BackwardPlan.parse(cfg, cfg)
-            gemm_tiles = plan.tiles if forward else plan.dx
-            name = f"r{r}/{cfg['tiles']}"
-            form = _form_mode(plan.form_precision, dtype, fd, main)
             fused = plan.strategy == "fused"
+            spec = dict(archs=(arch,), form_precision=plan.form_precision)
             if fused or plan.gemm == "triton":
-                meta = _gemm_constexprs(
-                    forward=forward, fused=fused, has_bias=forward, r=r, tiles=gemm_tiles, fd=fd, form=form,
-                    main_precision=main, int64=False,
-                )  # fmt: skip
                 kernel = f"bat_{'fwd' if forward else 'dx'}_{'fused' if fused else 'gemm'}"
-                out.append(_aot_case(kernel, _bat_gemm_kernel, gemm_ptrs, meta, gemm_tiles, name, dtype))
+                out.append(_aot_case(kernel, dtype, r, plan.tiles if forward else plan.dx, **spec))
             if not fused:
-                meta = _build_constexprs(r=r, tiles=plan.build, fd=fd, form=form, int64=False)
-                out.append(_aot_case("bat_build", _bat_build_kernel, build_ptrs, meta, plan.build, name, dtype))
+                out.append(_aot_case("bat_build", dtype, r, plan.build, **spec))
             if not forward:
-                epi = _db_precision(plan.db_precision, dtype, fd, main)
-                meta = _dblock_constexprs(
-                    r=r, tiles=plan.dblock, fd=fd, main_precision=main, epi_precision=epi, atomic=False, int64=False
-                )
-                out.append(_aot_case("bat_dblock", _bat_dblock_kernel, dblock_ptrs, meta, plan.dblock, name, dtype))
+                out.append(_aot_case("bat_dblock", dtype, r, plan.dblock, **spec))
     return out
 
 
+_f16, _f32, _f64 = torch.float16, torch.float32, torch.float64
+CHECKED_SPECIALISATIONS: tuple[tuple[str, torch.dtype, int, str, dict], ...] = (
+    # (kernel, x dtype, r, tile set, other inputs); "variant" names what differs from the baseline's inputs.
+    ("bat_fwd_fused", _f64, 64, "m64n32k32w4s2", {}),
+    ("bat_dx_fused", _f64, 8, "m64n16k32w8s2", {}),  # fp32's small-r set; m64n32k32w4s2 spills 1.1-1.6 KB in fp64
+    ("bat_fwd_fused", _f32, 16, "m64n32k32w4s2", dict(block_dtype=_f64, variant="block_fp64")),
+    ("bat_fwd_fused", _f16, 64, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_dx_fused", _f16, 48, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_fwd_fused", _f32, 64, "m64n32k32w4s2", dict(bias=False, form_precision="ieee", tf32=True,
+                                                      variant="nobias.form_ieee.tf32")),
+    ("bat_fwd_fused", _f32, 3, "m64n32k32w4s2", dict(form_precision="tf32x3", tf32=True, variant="form_tf32x3.tf32")),
+    ("bat_dx_fused", _f16, 1, "m64n32k32w4s2", {}),
+    ("bat_fwd_gemm", _f16, 1, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_dx_gemm", _f64, 1, "m64n32k32w4s2", dict(int64=True, variant="int64")),
+    ("bat_dblock", _f64, 64, "m64n32k32w4s2", {}),
+    ("bat_dblock", _f32, 16, "m64n32k32w4s2", dict(block_dtype=_f64, atomic=True, int64=True,
+                                                   variant="block_fp64.atomic.int64")),
+    ("bat_dblock", _f16, 3, "m64n32k32w4s2", dict(atomic=True, variant="atomic")),
+    ("bat_dblock", _f16, 48, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_build", _f64, 64, "n32k32w4s2", dict(form_precision="tf32x3")),
+    ("bat_build", _f16, 1, "n32k32w4s2", dict(form_precision="tf32x3", int64=True, variant="int64")),
+    ("bat_build", _f16, 48, "n32k32w4s2", dict(form_precision="tf32x3", int64=True, variant="int64")),
+)  # fmt: skip
+"""Specialisations the baseline's inputs (bf16 / fp32 x, fp32 block, int32 offsets, partial-sum dB) never reach:
+fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction, explicit formation precisions with TF32
+allowed, no bias, r = 1, 3 and 48 (padded lanes). The interpreter runs them all (tests/test_triton_bat.py); these
+compiles show that Triton's code generator accepts them for sm_80 and sm_90 within the same resource rules. Not
+stored in the baseline (``in_baseline=False``)."""
+
+
 def aot_cases() -> list[AotCase]:
-    """Every bat kernel x every shipped config, for the resource baseline (see :data:`AOT_SPECS`).
-
-    ``config_name`` is "<archs>/r<r>/<tile set>", e.g. "sm80+sm90/r64/m64n64k64w4s3": the GPU families whose
-    shipped configs launch this specialisation (compile it for each), the block size, the forward / dx tile set
-    of the config (the build and dB kernels of that config appear under the same name). Identical
-    specialisations appear once.
-
-    The cases mirror the launcher for contiguous tensors (unit strides specialised to 1, int32 offsets). At run
-    time Triton's launcher also marks 16-byte aligned pointers and ints divisible by 16 (``tt.divisibility``);
-    a compile meant to match run-time code generation passes those attrs too, as tests/test_triton_bat.py does.
-    """
+    """Every bat kernel x every shipped config (see :data:`AOT_SPECS`; one case per distinct specialisation, with
+    the architectures whose configs launch it), then :data:`CHECKED_SPECIALISATIONS` for sm_80 and sm_90."""
     found: dict[tuple, tuple[AotCase, set[str]]] = {}
-    for arch in AOT_ARCHS:
+    for arch in configs.SHIPPED_ARCHS:
         for r, dtype, default_only in AOT_SPECS:
             for case in _cases_for(arch, r, dtype, default_only):
                 constexprs = tuple(sorted((k, str(v)) for k, v in case.constexprs.items()))
                 key = (case.kernel, case.dtype, case.num_warps, case.num_stages, constexprs)
                 found.setdefault(key, (case, set()))[1].add(arch)
-    return [
-        dataclasses.replace(case, config_name=f"{'+'.join(sorted(archs))}/{case.config_name}")
-        for case, archs in found.values()
+    shipped = [dataclasses.replace(case, archs=tuple(sorted(archs))) for case, archs in found.values()]
+    checked = [
+        _aot_case(kernel, x_dtype, r, Tiles(**configs.bat_tiles(tiles)), in_baseline=False, **inputs)
+        for kernel, x_dtype, r, tiles, inputs in CHECKED_SPECIALISATIONS
     ]
+    return shipped + checked

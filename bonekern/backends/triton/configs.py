@@ -109,6 +109,12 @@ def bat_tiles(name: str) -> dict[str, int]:
     return out
 
 
+def bat_tile_name(block_n: int, block_k: int, num_warps: int, num_stages: int, block_m: int | None = None) -> str:
+    """The name :func:`bat_tiles` reads back: "m128n64k64w8s3", or "n32k64w8s1" without ``block_m``."""
+    m = "" if block_m is None else f"m{block_m}"
+    return f"{m}n{block_n}k{block_k}w{num_warps}s{num_stages}"
+
+
 BAT_R_CLASSES: tuple[str, ...] = ("small", "r16", "r32", "r64", "r128+")
 """r classes by R (r rounded up to a power of two): < 16 (W' formed by broadcast multiply-sum), 16, 32, 64,
 >= 128. Each class gets its own tile sets."""
