@@ -567,15 +567,10 @@ def _complete(config: Config, default: Config, where: str) -> Config:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _padded(r: int) -> int:
-    """R: r rounded up to a power of two, the lane count of one r-block in a tile."""
-    return 1 << (r - 1).bit_length()
-
-
 def _tiling(r: int, block_n: int, block_k: int) -> tuple[bool, int, int]:
     """(SUB, BN, BK): sub-block tiles (inside one r-block, lanes clamped to R) when R >= min(block_n, block_k),
     else arranged tiles of whole blocks (block_n // R out-blocks x block_k // R in-blocks)."""
-    rp = _padded(r)
+    rp = configs.bat_padded_r(r)
     if rp >= min(block_n, block_k):
         return True, min(block_n, rp), min(block_k, rp)
     return False, block_n, block_k
@@ -634,7 +629,7 @@ def _gemm_constexprs(
         r = 1
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        FORWARD=forward, FUSED=fused, HAS_BIAS=has_bias, SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk,
+        FORWARD=forward, FUSED=fused, HAS_BIAS=has_bias, SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk,
         BM=tiles.block_m, GROUP_M=tiles.group_m, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
         MAIN_PREC=main_precision, INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
@@ -644,7 +639,7 @@ def _build_constexprs(*, r: int, tiles: Tiles, fd: torch.dtype, form: tuple[bool
     """The constexpr arguments of ``_bat_build_kernel``."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
+        SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
         INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
 
@@ -655,8 +650,8 @@ def _dblock_constexprs(
     """The constexpr arguments of ``_bat_dblock_kernel``."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk, BM=tiles.block_m, FD=_TL_DTYPES[fd], MAIN_PREC=main_precision,
-        EPI_PREC=epi_precision, ATOMIC=atomic, INT64=int64, INTERPRET=interpreting(),
+        SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk, BM=tiles.block_m, FD=_TL_DTYPES[fd],
+        MAIN_PREC=main_precision, EPI_PREC=epi_precision, ATOMIC=atomic, INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
 
 
@@ -664,7 +659,7 @@ def _dblock_grid(r: int, tiles: Tiles, nb: int, kb: int) -> tuple[int, int]:
     """(programs, split units) of the dB kernel: programs per split, and the in-blocks (SUB) or K tiles
     (arranged) that the splits share."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
-    rp = _padded(r)
+    rp = configs.bat_padded_r(r)
     if sub:
         return nb * (rp // bk), kb
     return triton.cdiv(nb, bn // rp), triton.cdiv(kb, bk // rp)

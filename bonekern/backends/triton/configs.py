@@ -267,9 +267,14 @@ BAT_INTERPRETER: dict[str, dict] = {
 }
 
 
+def bat_padded_r(r: int) -> int:
+    """R: block size ``r`` rounded up to a power of two, the lanes one r-block takes in a bat tile."""
+    return 1 << (r - 1).bit_length()
+
+
 def bat_r_class(r: int) -> str:
     """The :data:`BAT_R_CLASSES` entry of block size ``r``."""
-    rp = 1 << (r - 1).bit_length()
+    rp = bat_padded_r(r)
     if rp < 16:
         return "small"
     return {16: "r16", 32: "r32", 64: "r64"}.get(rp, "r128+")
