@@ -77,7 +77,7 @@ def bat_backward_configs(problem: OpProblem) -> list[Config]:
 #   reduction step over N (W's rows), its block_k the width of its output columns (W's columns).
 # block_n / block_k count lanes of W's rows / columns; the kernels fit them to r (bat.py, "tilings"), so one
 # tile set is valid for every r, and the tables below pick, per r class, the sets that compile without register
-# spills (tests/test_triton_bat.py checks every shipped one with ptxas for sm_80 and sm_90).
+# spills (resources.py compiles every shipped one for sm_80 and sm_90; profiles/resources/ keeps the figures).
 # "tiles" names the forward / dx tile set (logs, resource baseline); kernels do not read it.
 
 BAT_STRATEGIES: tuple[str, ...] = ("fused", "materialize")
