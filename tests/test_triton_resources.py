@@ -96,7 +96,7 @@ def _tile_of(key: str) -> str | None:
 
 
 @pytest.mark.parametrize("arch", list(resources.ARCHS))
-def test_every_shipped_config_has_an_aot_case(arch):
+def test_every_shipped_bone_config_has_an_aot_case(arch):
     """What the configs hand to the kernels on sm_80/sm_90 is what the baseline compiles (bf16 and fp32: every
     tile set; fp16: the default tile set and the small kernels), with the same warps and stages."""
     cases = {resources.case_key(c): c for c in resources.all_cases() if arch in c.archs}
@@ -158,14 +158,12 @@ def test_checked_specialisations_cover_the_inputs_outside_the_baseline():
     parts = {p for c in checked for p in c.config_name.split(".")}
     assert {"fp64", "fp16"} <= {c.dtype for c in checked}
     assert {"block_fp64", "int64", "atomic", "r1", "r3", "r48"} <= parts
-    stored = {resources.case_key(c) for c in resources.all_cases() if c.in_baseline}
-    assert resources.checked_only_keys().isdisjoint(stored)
 
 
 @pytest.mark.slow
 def test_compiled_kernels_fit_and_match_the_baseline():
     """Compile every case, baseline and checked-only, in one pool of spawned workers (Triton's bundled ptxas, and
-    ptxas-blackwell as well for sm_90) and apply every rule of resources.problems."""
+    ptxas-blackwell as well for sm_90 cases near the register limit) and apply every rule of resources.problems."""
     if not PTXAS.exists():
         pytest.skip(f"triton's bundled ptxas is missing ({PTXAS}); this triton package ships without it")
     cases = resources.all_cases()
