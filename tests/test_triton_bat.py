@@ -5,18 +5,12 @@
   r = 3 (broadcast formation, padded lanes), r = 16 (batched 3-D dot), r = 32 / 64 / 128 (sub-block tiles with
   one or several s-chunks), r = 48 (padded sub-blocks); M and N not multiples of the tile, strided and 3-D x.
 - Configs: every candidate of configs.py is accepted and runs; bad ones raise ValueError naming the entry.
-- Ahead-of-time compile of every ``bat.aot_cases()`` entry for sm_80 / sm_90 with the ptxas Triton bundles: no
-  spills, <= 255 registers, shared memory within the architecture.
+- Ahead-of-time compiles of ``bat.aot_cases()`` for sm_80 / sm_90 (every shipped config, and the specialisations
+  this file runs but the shipped inputs never reach) are in tests/test_triton_resources.py, with bone's.
 - GPU only (``@pytest.mark.gpu``): full-size numerics, and timings against cuBLAS and the torch backend.
 """
 
 from __future__ import annotations
-
-import contextlib
-import functools
-import io
-import os
-import re
 
 import pytest
 import torch
@@ -234,7 +228,7 @@ def test_only_requested_gradients_are_computed(monkeypatch):
 def test_int64_offsets_path(monkeypatch):
     """The INT64 specialisation (taken when an offset passes 2^31 - 1) computes the same results."""
     backend_or_skip("triton")
-    monkeypatch.setattr(bat, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(bat, "needs_int64", lambda *tensors: True)
     p = make_problem("bat", (9,), 64, 64, 32, strided_x=True)
     for strategy in ("fused", "materialize"):
         fwd = fwd_config(strategy, "m16n32k32w4s1", gemm="triton")
@@ -244,17 +238,6 @@ def test_int64_offsets_path(monkeypatch):
     check_kernels(
         p, fwd_config("fused", "m16n16k16w4s1"), bwd_config("fused", "m16n16k16w4s1", "m16n16k16w4s1"), "int64/arranged"
     )
-
-
-def test_int64_decision():
-    """int64 offsets exactly when the largest element offset sum((size - 1) * stride) passes 2^31 - 1."""
-    fits = torch.empty_strided((2, 2**30), (2**30, 1), device="meta")  # last offset 2^31 - 1
-    too_far = torch.empty_strided((3, 2**30), (2**30, 1), device="meta")
-    strided = torch.empty_strided((4, 8), (2**29, 1), device="meta")  # 3 * 2^29 + 7 < 2^31
-    wide_stride = torch.empty_strided((5, 8), (2**29, 1), device="meta")  # 4 * 2^29 + 7 > 2^31 - 1
-    assert not bat._needs_int64(fits, None, strided)
-    assert bat._needs_int64(fits, too_far)
-    assert bat._needs_int64(wide_stride)
 
 
 def test_dblock_reductions_agree_and_partials_are_deterministic():
@@ -353,229 +336,6 @@ def test_bad_configs_are_rejected(op, bad, match):
     else:
         with pytest.raises(ValueError, match=match):
             bat.bat_backward(p.dy, p.x, p.weight, p.block, True, True, bad)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile for sm_80 / sm_90 (no GPU needed)
-# ------------------------------------------------------------------------------------------------------------
-
-SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
-"""Shared memory a block may use (bytes) on the smallest GPU of each config family: "sm80" configs also run on
-sm_86 / sm_89 (99 KiB; A100 has 163 KiB), "sm90" on H100 / H200 (227 KiB)."""
-
-
-def _ptxas_figures(log: str, what: str) -> tuple[int, int]:
-    regs = re.search(r"Used (\d+) registers", log)
-    assert regs, f"no ptxas report for {what}:\n{log}"
-    return int(regs.group(1)), sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-
-
-def compile_and_measure(case, arch: int) -> dict:
-    """Compile ``case`` for sm_<arch> as Triton's launcher would (pointers and ints marked divisible by 16, as for
-    aligned tensors whose sizes are multiples of 16) and read registers, spills and shared memory.
-
-    Registers and spills: ``ptxas -v`` as Triton runs it to build the cubin it would launch (its bundled ptxas);
-    for sm_90a also the bundled ``ptxas-blackwell`` on the same PTX; the worse figures count. Shared memory:
-    Triton's metadata (ptxas only sees the static part). Needs the kernels defined with the interpreter off
-    (see :func:`compile_all`)."""
-    import pathlib
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    what = f"{case.kernel} {case.config_name} {case.dtype} sm_{arch}"
-    names = case.fn.arg_names
-    attrs = {
-        (names.index(a),): [["tt.divisibility", 16]]
-        for a, t in case.signature.items()
-        if t.startswith("*") or t == "i32"
-    }
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
-    log = io.StringIO()
-    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
-        triton.knobs.nvidia.dump_ptxas_log = True
-        triton.knobs.compilation.always_compile = True
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-        )
-    regs, spills = _ptxas_figures(log.getvalue(), what)
-    if arch == 90:
-        tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = pathlib.Path(tmp) / "kernel.ptx"
-            ptx.write_text(compiled.asm["ptx"])
-            cmd = [str(tool), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx) + ".o"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        regs2, spills2 = _ptxas_figures(out.stdout + out.stderr, what + " (ptxas-blackwell)")
-        regs, spills = max(regs, regs2), max(spills, spills2)
-    return {"regs": regs, "spills": spills, "shared": compiled.metadata.shared}
-
-
-@functools.cache
-def _aot_cases() -> list:
-    return bat.aot_cases()
-
-
-@functools.cache
-def _other_cases() -> list:
-    """Specialisations the shipped bf16/fp32 AOT cases do not reach: fp64 and fp16 inputs, an fp64 block with fp32
-    x, int64 offsets, atomic dB, explicit "ieee" / TF32 precisions, r = 1, 3 and 48 (padded lanes), no bias."""
-    f16, f32, f64 = torch.float16, torch.float32, torch.float64
-    t = bat.Tiles(block_m=64, block_n=32, block_k=32, num_warps=4, num_stages=2)
-    t64 = bat.Tiles(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=2)
-    out = []
-    # (x dtype, block dtype, r, tiles, fused, forward, bias, form precision, main precision, int64)
-    gemm_specs = [
-        (f64, f32, 64, t, True, True, True, "matched", "ieee", False),
-        (f64, f32, 8, t, True, False, False, "matched", "ieee", False),
-        (f32, f64, 16, t, True, True, True, "matched", "ieee", False),
-        (f16, f32, 64, t64, True, True, True, "matched", "tf32", True),
-        (f16, f32, 48, t64, True, False, False, "matched", "tf32", True),
-        (f32, f32, 64, t, True, True, False, "ieee", "tf32", False),
-        (f32, f32, 3, t, True, True, True, "tf32x3", "tf32", False),
-        (f16, f32, 1, t, True, False, False, "matched", "tf32", False),
-        (f16, f32, 1, t64, False, True, True, "matched", "tf32", True),
-    ]
-    for x_dt, b_dt, r, tiles, fused, forward, bias, form_choice, main, int64 in gemm_specs:
-        fd = bat.delta_dtype(x_dt, b_dt)
-        form = bat._form_mode(form_choice, x_dt, fd, main)
-        meta = bat._gemm_constexprs(
-            forward=forward, fused=fused, has_bias=bias, r=r, tiles=tiles, fd=fd, form=form, main_precision=main,
-            int64=int64,
-        )  # fmt: skip
-        ptrs = {"A_PTR": x_dt, "W": x_dt, "BLK": b_dt, "BIAS": x_dt, "C": x_dt}
-        out.append(bat._aot_case("bat_gemm", bat._bat_gemm_kernel, ptrs, meta, tiles, f"r{r}/{form_choice}", x_dt))
-    for x_dt, b_dt, r, tiles, atomic, int64 in [
-        (f64, f32, 64, t, False, False),
-        (f32, f64, 16, t, True, True),
-        (f16, f32, 3, t, True, False),
-        (f16, f32, 48, t64, False, True),
-    ]:
-        fd = bat.delta_dtype(x_dt, b_dt)
-        main = "ieee" if fd == f64 else "tf32"
-        meta = bat._dblock_constexprs(
-            r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=main, atomic=atomic, int64=int64
-        )
-        ptrs = {"DY": x_dt, "X": x_dt, "W": x_dt, "OUT": fd}
-        out.append(bat._aot_case("bat_dblock", bat._bat_dblock_kernel, ptrs, meta, tiles, f"r{r}", x_dt))
-    for x_dt, r, int64 in [(f64, 64, False), (f16, 1, True), (f16, 48, True)]:
-        fd = bat.delta_dtype(x_dt, f32)
-        form = bat._form_mode("tf32x3", x_dt, fd, "ieee")
-        meta = bat._build_constexprs(r=r, tiles=t, fd=fd, form=form, int64=int64)
-        ptrs = {"W": x_dt, "BLK": f32, "OUT": x_dt}
-        out.append(bat._aot_case("bat_build", bat._bat_build_kernel, ptrs, meta, t, f"r{r}", x_dt))
-    return out
-
-
-def _compile_job(args):
-    source, index, arch = args
-    cases = _aot_cases() if source == "aot" else _other_cases()
-    return index, arch, compile_and_measure(cases[index], arch)
-
-
-def compile_all(jobs: list[tuple[str, int, int]]):
-    """Yield (case index, arch, figures) for each job ("aot" or "other" case list, index, arch), compiled in fresh
-    worker processes with the interpreter off: under TRITON_INTERPRET=1 the kernels' @triton.jit helpers are
-    interpreter objects that the compiler cannot take (rebuilding only the kernel as a JITFunction is not enough
-    for kernels that call helpers)."""
-    import concurrent.futures
-    import multiprocessing
-
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the spawned workers only
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(2, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            yield from pool.map(_compile_job, jobs)
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-def test_aot_cases_cover_every_kernel_and_shipped_config():
-    """Each shipped config's kernels are among the AOT cases, under each GPU family that ships the config."""
-    cases = bat.aot_cases()
-    assert {c.kernel for c in cases} == {
-        "bat_fwd_fused",
-        "bat_fwd_gemm",
-        "bat_build",
-        "bat_dx_fused",
-        "bat_dx_gemm",
-        "bat_dblock",
-    }
-    covered = set()
-    for c in cases:
-        archs, r_name, tile_set = c.config_name.split("/")
-        for arch in archs.split("+"):
-            covered.add((arch, int(r_name.removeprefix("r")), tile_set, c.dtype, c.kernel))
-    for arch in bat.AOT_ARCHS:
-        for r, dtype, default_only in bat.AOT_SPECS:
-            short = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-            for op, prefix in (("bat_forward", "fwd"), ("bat_backward", "dx")):
-                candidates = configs.candidate_configs_for(_problem(op, 4096, r, dtype), arch)
-                if default_only:
-                    candidates = [
-                        c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"
-                    ]
-                for cfg in candidates:
-                    if cfg["strategy"] == "fused":
-                        assert (arch, r, cfg["tiles"], short, f"bat_{prefix}_fused") in covered, (arch, r, cfg)
-                    else:
-                        assert any(k[:2] == (arch, r) and k[3:] == (short, "bat_build") for k in covered), (arch, r)
-                    if cfg["gemm"] == "triton" and cfg["strategy"] == "materialize":
-                        gemm = f"bat_{prefix}_gemm"
-                        assert any(k[0] == arch and k[2:] == (cfg["tiles"], short, gemm) for k in covered), cfg
-                if op == "bat_backward":
-                    assert any(k[:2] == (arch, r) and k[3:] == (short, "bat_dblock") for k in covered), (arch, r)
-
-
-def test_aot_compile_resources():
-    """Every AOT case compiles for each GPU family that ships it, without spills, within 255 registers and the
-    family's shared memory; the figures are printed (pytest -s) for the resource baseline."""
-    pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is not installed")
-    cases = _aot_cases()
-    jobs = [
-        ("aot", i, int(a.removeprefix("sm")))
-        for i, c in enumerate(cases)
-        for a in c.config_name.split("/")[0].split("+")
-    ]
-    failures = []
-    for index, arch, res in compile_all(jobs):
-        case = cases[index]
-        line = (
-            f"sm_{arch} {case.kernel:13s} {case.config_name:36s} {case.dtype} "
-            f"w{case.num_warps}s{case.num_stages}: {res['regs']} regs, {res['spills']} B spilled, "
-            f"{res['shared'] // 1024} KiB shared"
-        )
-        print(line)
-        if res["spills"] or res["regs"] > 255 or res["shared"] > SHARED_LIMIT[arch]:
-            failures.append(line)
-    assert len(jobs) > 0
-    assert not failures, "kernels over budget:\n" + "\n".join(failures)
-
-
-def test_aot_compile_other_specialisations():
-    """The specialisations of :func:`_other_cases` (fp64, fp16, int64 offsets, atomic dB, ...) compile for
-    sm_80 and sm_90: the interpreter runs them, but only a compile shows that Triton's code generator accepts
-    them."""
-    pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend is not installed")
-    cases = _other_cases()
-    jobs = [("other", i, arch) for i in range(len(cases)) for arch in (80, 90)]
-    done = 0
-    for index, arch, res in compile_all(jobs):
-        case = cases[index]
-        print(f"sm_{arch} {case.kernel:10s} {case.config_name:14s} {case.dtype}: {res}")
-        assert res["regs"] <= 255
-        done += 1
-    assert done == len(jobs)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from support import assert_close_to_reference, backend_or_skip, check_against_re
 
 from bonekern import reference
 from bonekern.backends import OpProblem
-from bonekern.backends.triton import common, configs
+from bonekern.backends.triton import configs
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
@@ -217,26 +217,9 @@ def test_int64_offsets_path(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_needs_int64_decides_by_largest_offset():
-    small = torch.empty(4, 8, device="meta")
-    big_rows = torch.empty(2**16, 2**15 + 1, device="meta")  # (2^16 - 1) * (2^15 + 1) + 2^15 > 2^31 - 1
-    strided = torch.empty(2, 4, device="meta").as_strided((2, 4), (2**31, 1))
-    assert not common.needs_int64(small, None)
-    assert common.needs_int64(big_rows) and common.needs_int64(small, strided)
-    assert not common.needs_int64(torch.empty(2**15, 2**16, device="meta"))  # last offset 2^31 - 1 fits
-
-
 def test_precision_follows_torch_tf32_flag():
-    """fp32 dots: "tf32" exactly when torch would use TF32; fp16/bf16 adapter dots: TF32 on the GPU."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    saved = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert common.fp32_dot_precision(cuda) == "ieee" and common.fp32_dot_precision(cpu) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert common.fp32_dot_precision(cuda) == "tf32" and common.fp32_dot_precision(cpu) == "ieee"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    """fp32 dots: "tf32" exactly when torch would use TF32 (tests/test_triton_common.py); fp16/bf16 adapter dots:
+    TF32 on the GPU."""
     f32, bf16 = torch.float32, torch.bfloat16
     assert bone._dtypes_for(f32, f32, tf32=False, gpu=True, interpret=False)[2:4] == ("ieee", "ieee")
     assert bone._dtypes_for(f32, f32, tf32=True, gpu=True, interpret=False)[2:4] == ("tf32", "tf32")

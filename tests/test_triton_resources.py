@@ -1,6 +1,8 @@
-"""Resource baseline of the Triton kernels: every kernel x shipped config x dtype compiled ahead of time for sm_80
-and sm_90 (no GPU needed) must not spill, must fit 255 registers and the architecture's shared memory, and must not
-use more spills or shared memory than profiles/resources/triton_sm{80,90}.json record.
+"""Resource baseline of the Triton kernels (bone.py and bat.py): every kernel x shipped config x dtype compiled ahead
+of time for sm_80 and sm_90 (no GPU needed) must not spill, must fit 255 registers and the architecture's shared
+memory, and must not use more spills or shared memory than profiles/resources/triton_sm{80,90}.json record. The
+specialisations outside the shipped inputs (fp64, fp16, int64 offsets, atomic dB, fp64 block, r = 1 / 3 / 48) are
+compiled in the same run and held to the same absolute rules, without being stored.
 
 After an intended change, regenerate the baseline with ``python -m bonekern.backends.triton.resources --write``.
 """
@@ -13,9 +15,13 @@ import pytest
 import torch
 
 from bonekern.backends import OpProblem
-from bonekern.backends.triton import configs, resources
+from bonekern.backends.triton import common, configs, resources
 
-triton = pytest.importorskip("triton", reason="the triton package is not installed")
+pytest.importorskip("triton", reason="the triton package is not installed")
+
+import triton
+
+from bonekern.backends.triton import bat
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -31,16 +37,23 @@ def test_problems_flags_every_rule():
         "k/b/bf16": _ok(registers=256, shared=2048),
         "k/big/bf16": _ok(shared=resources.SHARED_LIMIT["sm80"] + 1),
         "k/broken/bf16": "CompilationError: boom",
+        "k/checked/fp64": _ok(spill_stores=4),
     }
-    found = "\n".join(resources.problems("sm80", results, base))
+    found = "\n".join(resources.problems("sm80", results, base, checked_only={"k/checked/fp64"}))
     assert "k/a/bf16: spills (8 B stores, 8 B loads)" in found
     assert "spills grew from the baseline's 0 B" in found
     assert "k/b/bf16: 256 registers > 255" in found
     assert "k/b/bf16: shared memory grew from 1024 B to 2048 B" in found
-    assert "k/big/bf16" in found and "> the 166912 B limit" in found and "not in the baseline" in found
+    assert "k/big/bf16" in found and "> the 101376 B limit" in found and "not in the baseline" in found
     assert "k/broken/bf16: does not compile: CompilationError: boom" in found
     assert "k/gone/bf16: in the baseline but no longer compiled" in found
+    assert "k/checked/fp64: spills (4 B stores, 0 B loads)" in found
+    assert "k/checked/fp64: not in the baseline" not in found
     assert resources.problems("sm80", {"k/a/bf16": _ok()}, {"k/a/bf16": _ok()}) == []
+    assert resources.problems("sm80", {"k/c/fp64": _ok()}, {}, checked_only={"k/c/fp64"}) == []
+    second = {"ptxas-blackwell": {"registers": 256, "spills": 8}}
+    found = "\n".join(resources.problems("sm90", {"k/a/bf16": _ok(**second)}, {"k/a/bf16": _ok()}))
+    assert "spills 8 B with ptxas-blackwell" in found and "256 registers > 255 with ptxas-blackwell" in found
 
 
 def test_baseline_files_exist_and_name_the_regeneration_command():
@@ -83,7 +96,7 @@ def _tile_of(key: str) -> str | None:
 
 
 @pytest.mark.parametrize("arch", list(resources.ARCHS))
-def test_every_shipped_config_has_an_aot_case(arch):
+def test_every_shipped_bone_config_has_an_aot_case(arch):
     """What the configs hand to the kernels on sm_80/sm_90 is what the baseline compiles (bf16 and fp32: every
     tile set; fp16: the default tile set and the small kernels), with the same warps and stages."""
     cases = {resources.case_key(c): c for c in resources.all_cases() if arch in c.archs}
@@ -98,16 +111,69 @@ def test_every_shipped_config_has_an_aot_case(arch):
             assert (cases[key].num_warps, cases[key].num_stages) == (tiles["num_warps"], tiles["num_stages"]), key
 
 
+def _bat_tile_name(tiles: dict) -> str:
+    return configs.bat_tile_name(
+        tiles["block_n"], tiles["block_k"], tiles["num_warps"], tiles["num_stages"], tiles.get("block_m")
+    )
+
+
+@pytest.mark.parametrize("arch", list(resources.ARCHS))
+def test_every_shipped_bat_config_has_an_aot_case(arch):
+    """Each bat candidate of configs.py (per r class and dtype family: every candidate in bf16, the default tile
+    set in fp32) launches kernels that are among the baseline cases for ``arch``, with the same warps and stages;
+    the specs cover every r class of both dtype families."""
+    cases = {resources.case_key(c): c for c in resources.all_cases() if arch in c.archs and c.in_baseline}
+    for family in ("half", "fp32"):
+        rs = [r for r, dt, _ in bat.AOT_SPECS if configs.dtype_family(dt) == family]
+        assert {configs.bat_r_class(r) for r in rs} == set(configs.BAT_R_CLASSES), family
+    for r, dtype, default_only in bat.AOT_SPECS:
+        short = common.TRITON_TYPE_NAMES[str(dtype)]
+        for op, prefix in (("bat_forward", "fwd"), ("bat_backward", "dx")):
+            problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, torch.float32, torch.device("cpu"))
+            candidates = configs.candidate_configs_for(problem, arch)
+            if default_only:
+                candidates = [c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"]
+            for cfg in candidates:
+                gemm = cfg if op == "bat_forward" else cfg["dx"]
+                launched = {}
+                if cfg["strategy"] == "fused":
+                    launched[f"bat_{prefix}_fused/{cfg['tiles']}.r{r}/{short}"] = gemm
+                else:
+                    launched[f"bat_build/{_bat_tile_name(cfg['build'])}.r{r}/{short}"] = cfg["build"]
+                    if cfg["gemm"] == "triton":
+                        launched[f"bat_{prefix}_gemm/{cfg['tiles']}/{short}"] = gemm
+                if op == "bat_backward":
+                    launched[f"bat_dblock/{_bat_tile_name(cfg['dblock'])}.r{r}/{short}"] = cfg["dblock"]
+                for key, tiles in launched.items():
+                    assert key in cases, (arch, r, cfg)
+                    assert (cases[key].num_warps, cases[key].num_stages) == (tiles["num_warps"], tiles["num_stages"])
+
+
+def test_checked_specialisations_cover_the_inputs_outside_the_baseline():
+    """fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction and r = 1, 3, 48 are compiled for
+    both architectures (held to the absolute rules, not stored)."""
+    checked = [c for c in resources.all_cases() if not c.in_baseline]
+    assert all(set(c.archs) == set(resources.ARCHS) for c in checked)
+    assert {c.kernel for c in checked} == set(bat.AOT_KERNELS)
+    parts = {p for c in checked for p in c.config_name.split(".")}
+    assert {"fp64", "fp16"} <= {c.dtype for c in checked}
+    assert {"block_fp64", "int64", "atomic", "r1", "r3", "r48"} <= parts
+
+
 @pytest.mark.slow
 def test_compiled_kernels_fit_and_match_the_baseline():
-    """Compile everything (spawned workers, Triton's bundled ptxas) and apply every rule of resources.problems."""
+    """Compile every case, baseline and checked-only, in one pool of spawned workers (Triton's bundled ptxas, and
+    ptxas-blackwell as well for sm_90 cases near the register limit) and apply every rule of resources.problems."""
     if not PTXAS.exists():
         pytest.skip(f"triton's bundled ptxas is missing ({PTXAS}); this triton package ships without it")
+    cases = resources.all_cases()
     results = resources.measure()
+    checked_only = resources.checked_only_keys(cases)
     found = []
     for arch in resources.ARCHS:
-        assert results[arch], f"nothing compiled for {arch}"
-        found += resources.problems(arch, results[arch], resources.load_baseline(arch))
+        wanted = {resources.case_key(c) for c in cases if arch in c.archs}
+        assert wanted and results[arch].keys() == wanted, f"{arch}: compiled cases differ from the AOT cases"
+        found += resources.problems(arch, results[arch], resources.load_baseline(arch), checked_only)
     assert not found, (
         "\n".join(found) + "\n(after an intended change: python -m bonekern.backends.triton.resources --write)"
     )

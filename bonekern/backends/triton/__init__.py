@@ -2,12 +2,16 @@
 
 Layout of this package (importing it never imports triton; kernels load on first use):
 
-- ``common.py``: what every kernel module shares (interpreter detection, dtype handling, launch helpers,
-  the ahead-of-time compile cases used for the resource baseline);
-- ``configs.py``: the one place every tunable config (tiles, warps, stages, strategy) and default lives;
-- ``bone.py``: bone/mini kernels and their host functions; ``bat.py``: bat kernels and host functions;
-- ``resources.py``: ahead-of-time compile of every kernel x shipped config for sm_80/sm_90 and the ptxas
-  figures stored under ``profiles/resources/``.
+- ``common.py``: what every kernel module shares, without importing triton: interpreter detection, the int64-offset
+  decision (``needs_int64``), the ``input_precision`` of fp32 dots (``fp32_dot_precision``), Triton's dtype names,
+  and ``AotCase``, the one description of a kernel specialisation to compile ahead of time;
+- ``configs.py``: the config families (``arch_of``: "sm80" / "sm90" / "interpreter"; ``dtype_family``: "half" /
+  "fp32") and every tunable config and default of bone/mini and bat, in one place;
+- ``bone.py``: bone/mini kernels, their host functions and ``aot_cases()``; ``bat.py``: the same for bat
+  (``aot_cases()`` also returns the specialisations outside the shipped inputs, checked but not stored);
+- ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 without a GPU, checks registers,
+  spills and shared memory, and keeps the baseline ``profiles/resources/triton_sm{80,90}.json``
+  (``python -m bonekern.backends.triton.resources [--write]``).
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is set
 before triton is first imported (that is how the test suite proves the kernels without a GPU).

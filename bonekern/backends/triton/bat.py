@@ -68,7 +68,6 @@ cast to fp32 when ``INTERPRET`` is set.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -80,7 +79,7 @@ from ...profiling import nvtx_range
 from ...validation import delta_dtype
 from ..base import Config, OpProblem
 from . import configs
-from .common import AotCase, interpreting
+from .common import TRITON_TYPE_NAMES, AotCase, fp32_dot_precision, interpreting, needs_int64
 
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers (@triton.jit), shared by the kernels below.
@@ -567,28 +566,11 @@ def _complete(config: Config, default: Config, where: str) -> Config:
 # Host helpers: everything a launch needs besides the tensors, shared by the launchers and aot_cases().
 # ----------------------------------------------------------------------------------------------------------
 
-_INT32_LIMIT = 2**31 - 1
-
-
-def _needs_int64(*tensors: torch.Tensor | None) -> bool:
-    """True when some tensor's largest element offset ``sum((size - 1) * |stride|)`` does not fit in int32."""
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            continue
-        if sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True)) > _INT32_LIMIT:
-            return True
-    return False
-
-
-def _padded(r: int) -> int:
-    """R: r rounded up to a power of two, the lane count of one r-block in a tile."""
-    return 1 << (r - 1).bit_length()
-
 
 def _tiling(r: int, block_n: int, block_k: int) -> tuple[bool, int, int]:
     """(SUB, BN, BK): sub-block tiles (inside one r-block, lanes clamped to R) when R >= min(block_n, block_k),
     else arranged tiles of whole blocks (block_n // R out-blocks x block_k // R in-blocks)."""
-    rp = _padded(r)
+    rp = configs.bat_padded_r(r)
     if rp >= min(block_n, block_k):
         return True, min(block_n, rp), min(block_k, rp)
     return False, block_n, block_k
@@ -600,14 +582,6 @@ def _count_tiles(blocks: int, lanes: int, rp: int) -> int:
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-_SHORT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _main_precision(device: torch.device, fd: torch.dtype = torch.float32) -> str:
-    """input_precision of the GEMM dots: "tf32" exactly when torch would use TF32 for an fp32 matmul on the GPU
-    (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always for the fp64 delta dtype)."""
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and fd != torch.float64
-    return "tf32" if tf32 else "ieee"
 
 
 def _form_mode(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_precision: str) -> tuple[bool, str]:
@@ -638,13 +612,6 @@ def _db_precision(choice: str, x_dtype: torch.dtype, fd: torch.dtype, main_preci
     return choice
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _gemm_constexprs(
     *,
     forward: bool,
@@ -662,7 +629,7 @@ def _gemm_constexprs(
         r = 1
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        FORWARD=forward, FUSED=fused, HAS_BIAS=has_bias, SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk,
+        FORWARD=forward, FUSED=fused, HAS_BIAS=has_bias, SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk,
         BM=tiles.block_m, GROUP_M=tiles.group_m, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
         MAIN_PREC=main_precision, INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
@@ -672,7 +639,7 @@ def _build_constexprs(*, r: int, tiles: Tiles, fd: torch.dtype, form: tuple[bool
     """The constexpr arguments of ``_bat_build_kernel``."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
+        SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk, FD=_TL_DTYPES[fd], OPS_INPUT=form[0], FORM_PREC=form[1],
         INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
 
@@ -683,8 +650,8 @@ def _dblock_constexprs(
     """The constexpr arguments of ``_bat_dblock_kernel``."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
     return dict(
-        SUB=sub, r=r, R=_padded(r), BN=bn, BK=bk, BM=tiles.block_m, FD=_TL_DTYPES[fd], MAIN_PREC=main_precision,
-        EPI_PREC=epi_precision, ATOMIC=atomic, INT64=int64, INTERPRET=interpreting(),
+        SUB=sub, r=r, R=configs.bat_padded_r(r), BN=bn, BK=bk, BM=tiles.block_m, FD=_TL_DTYPES[fd],
+        MAIN_PREC=main_precision, EPI_PREC=epi_precision, ATOMIC=atomic, INT64=int64, INTERPRET=interpreting(),
     )  # fmt: skip
 
 
@@ -692,7 +659,7 @@ def _dblock_grid(r: int, tiles: Tiles, nb: int, kb: int) -> tuple[int, int]:
     """(programs, split units) of the dB kernel: programs per split, and the in-blocks (SUB) or K tiles
     (arranged) that the splits share."""
     sub, bn, bk = _tiling(r, tiles.block_n, tiles.block_k)
-    rp = _padded(r)
+    rp = configs.bat_padded_r(r)
     if sub:
         return nb * (rp // bk), kb
     return triton.cdiv(nb, bn // rp), triton.cdiv(kb, bk // rp)
@@ -702,7 +669,7 @@ def _splits(config_split: int, programs: int, units: int, device: torch.device) 
     """K splits of the dB kernel: the config's, or (0) enough for about two programs per SM."""
     if config_split > 0:
         return min(config_split, units)
-    return max(1, min(units, math.ceil(2 * _sm_count(device) / programs)))
+    return max(1, min(units, math.ceil(2 * configs.sm_count(device) / programs)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,7 +695,7 @@ def _launch_gemm(
     r = block.shape[-1] if fused else 1
     meta = _gemm_constexprs(
         forward=forward, fused=fused, has_bias=bias is not None, r=r, tiles=tiles, fd=fd, form=form,
-        main_precision=_main_precision(a.device, fd), int64=_needs_int64(a, weight, out),
+        main_precision=fp32_dot_precision(a.device, fd), int64=needs_int64(a, weight, out),
     )  # fmt: skip
     n, k = weight.shape
     nb, kb = n // r, k // r
@@ -756,8 +723,8 @@ def materialize_weight(
     r = block.shape[-1]
     fd = delta_dtype(weight.dtype, block.dtype)
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    form = _form_mode(form_precision, weight.dtype, fd, _main_precision(weight.device))
-    meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=_needs_int64(weight, out))
+    form = _form_mode(form_precision, weight.dtype, fd, fp32_dot_precision(weight.device))
+    meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=needs_int64(weight, out))
     grid = (_count_tiles(n // r, meta["BN"], meta["R"]), _count_tiles(k // r, meta["BK"], meta["R"]))
     with nvtx_range("bonekern.bat.build_weight"):
         _bat_build_kernel[grid](
@@ -799,10 +766,10 @@ def block_gradient(
         out = torch.empty((1, nb, r, r), dtype=block.dtype, device=x.device)
     else:
         out = torch.empty((splits, nb, r, r), dtype=fd, device=x.device)
-    main = _main_precision(x.device, fd)
+    main = fp32_dot_precision(x.device, fd)
     meta = _dblock_constexprs(
         r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=_db_precision(db_precision, x.dtype, fd, main),
-        atomic=atomic, int64=_needs_int64(dy, x, weight, out),
+        atomic=atomic, int64=needs_int64(dy, x, weight, out),
     )  # fmt: skip
     with nvtx_range("bonekern.bat.dblock"):
         _bat_dblock_kernel[(programs, splits)](
@@ -893,7 +860,7 @@ def bat_forward(
     problem = OpProblem.from_tensors("bat_forward", x.shape[0], weight, block, x.dtype)
     plan = ForwardPlan.parse(config, configs.default_config(problem))
     fd = delta_dtype(x.dtype, block.dtype)
-    form = _form_mode(plan.form_precision, x.dtype, fd, _main_precision(x.device))
+    form = _form_mode(plan.form_precision, x.dtype, fd, fp32_dot_precision(x.device))
     if plan.strategy == "fused":
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         with nvtx_range("bonekern.bat.forward_fused"):
@@ -925,7 +892,7 @@ def bat_backward(
     fd = delta_dtype(x.dtype, block.dtype)
     dx = dblock = None
     if need_dx:
-        form = _form_mode(plan.form_precision, dy.dtype, fd, _main_precision(dy.device))
+        form = _form_mode(plan.form_precision, dy.dtype, fd, fp32_dot_precision(dy.device))
         if plan.strategy == "fused":
             dx = torch.empty(dy.shape[0], weight.shape[1], dtype=dy.dtype, device=dy.device)
             with nvtx_range("bonekern.bat.dx_fused"):
@@ -958,24 +925,88 @@ AOT_SPECS: tuple[tuple[int, torch.dtype, bool], ...] = (
     (256, torch.bfloat16, True),
     (8, torch.float32, True),
     (16, torch.float32, True),
+    (32, torch.float32, True),
     (64, torch.float32, True),
     (128, torch.float32, True),
 )
-"""(r, x's dtype, default tile set only) of the AOT cases: one r per class of configs.py (broadcast formation,
-3-D ``tl.dot``, sub-block with one and with several s-chunks), every candidate in bf16, the default tile set in
-fp32 and for r = 256."""
-
-AOT_ARCHS: tuple[str, ...] = ("sm80", "sm90")
+"""(r, x's dtype, default tile set only) of the baseline's AOT cases: one r per r class of configs.py (broadcast
+formation, 3-D ``tl.dot``, sub-block with one and with several s-chunks) for each dtype family's tables, every
+candidate in bf16, the default tile set in fp32 and for r = 256. fp16 compiles to bf16's code with the other MMA
+type; fp16, fp64 and the other inputs are compiled by :data:`CHECKED_SPECIALISATIONS`."""
 
 _UNIT_STRIDES = ("stride_ak", "stride_wk", "stride_bq", "stride_cn", "stride_ok", "stride_xk", "stride_dn", "stride_oq")
 """Strides that are 1 for contiguous tensors; Triton's launcher specialises an int argument equal to 1 into the
 constant 1, so the AOT cases do the same."""
 
+AOT_KERNELS: tuple[str, ...] = (
+    "bat_fwd_fused",
+    "bat_fwd_gemm",
+    "bat_dx_fused",
+    "bat_dx_gemm",
+    "bat_build",
+    "bat_dblock",
+)
+"""AOT kernel names: the GEMM kernel as the forward / dx launch it, fused (W' formed per tile) or plain (on a
+materialized W'), the W' build kernel and the dB kernel."""
 
-def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, tiles: Tiles, name: str, dtype) -> AotCase:
+
+def _tile_name(tiles: Tiles, with_m: bool = True) -> str:
+    return configs.bat_tile_name(
+        tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages, tiles.block_m if with_m else None
+    )
+
+
+def _aot_case(
+    kernel: str,
+    x_dtype: torch.dtype,
+    r: int,
+    tiles: Tiles,
+    *,
+    archs: tuple[str, ...] = configs.SHIPPED_ARCHS,
+    block_dtype: torch.dtype = torch.float32,
+    form_precision: str = "matched",
+    bias: bool = True,
+    tf32: bool = False,
+    int64: bool = False,
+    atomic: bool = False,
+    variant: str = "",
+    in_baseline: bool = True,
+) -> AotCase:
+    """The specialisation of ``kernel`` (one of :data:`AOT_KERNELS`) that the launchers compile for contiguous
+    inputs: x, W, dY and the outputs in ``x_dtype``, the block in ``block_dtype``, block size ``r``, ``tiles``,
+    ``form_precision`` (W' formation), a forward ``bias``, torch's ``allow_tf32`` = ``tf32``, ``int64`` offsets,
+    an ``atomic`` dB reduction. Unit strides become the constant 1, every other integer is i32.
+
+    ``config_name``: the tile set's name (build tiles without "m"), then ".r<r>" (not for the plain GEMMs, whose
+    code does not depend on r), then ".<variant>" when given.
+    """
+    fd = delta_dtype(x_dtype, block_dtype)
+    main = "tf32" if tf32 and fd != torch.float64 else "ieee"  # fp32_dot_precision on a GPU with this allow_tf32
+    form = _form_mode(form_precision, x_dtype, fd, main)
+    if kernel == "bat_build":
+        fn, name = _bat_build_kernel, f"{_tile_name(tiles, with_m=False)}.r{r}"
+        pointers = {"W": x_dtype, "BLK": block_dtype, "OUT": x_dtype}
+        meta = _build_constexprs(r=r, tiles=tiles, fd=fd, form=form, int64=int64)
+    elif kernel == "bat_dblock":
+        fn, name = _bat_dblock_kernel, f"{_tile_name(tiles)}.r{r}"
+        pointers = {"DY": x_dtype, "X": x_dtype, "W": x_dtype, "OUT": fd}
+        epi = _db_precision("matched", x_dtype, fd, main)
+        meta = _dblock_constexprs(
+            r=r, tiles=tiles, fd=fd, main_precision=main, epi_precision=epi, atomic=atomic, int64=int64
+        )
+    elif kernel in AOT_KERNELS:
+        forward, fused = kernel.startswith("bat_fwd"), kernel.endswith("_fused")
+        fn, name = _bat_gemm_kernel, f"{_tile_name(tiles)}.r{r}" if fused else _tile_name(tiles)
+        pointers = {"A_PTR": x_dtype, "W": x_dtype, "BLK": block_dtype, "BIAS": x_dtype, "C": x_dtype}
+        meta = _gemm_constexprs(
+            forward=forward, fused=fused, has_bias=forward and bias, r=r, tiles=tiles, fd=fd, form=form,
+            main_precision=main, int64=int64,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"kernel must be one of {AOT_KERNELS}; got {kernel!r}")
     constexprs = {**{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names}, **meta}
     signature = {
-        a: "constexpr" if a in constexprs else f"*{_SHORT_NAMES[pointers[a]]}" if a in pointers else "i32"
+        a: "constexpr" if a in constexprs else f"*{TRITON_TYPE_NAMES[str(pointers[a])]}" if a in pointers else "i32"
         for a in fn.arg_names
     }
     return AotCase(
@@ -985,72 +1016,80 @@ def _aot_case(kernel: str, fn, pointers: dict[str, torch.dtype], meta: dict, til
         constexprs=constexprs,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        config_name=name,
-        dtype=_SHORT_NAMES[dtype],
+        config_name=f"{name}.{variant}" if variant else name,
+        dtype=TRITON_TYPE_NAMES[str(x_dtype)],
+        archs=archs,
+        in_baseline=in_baseline,
     )
 
 
 def _cases_for(arch: str, r: int, dtype: torch.dtype, default_tiles_only: bool) -> list[AotCase]:
     """The kernel specialisations the shipped configs of ``arch`` launch for contiguous inputs of ``dtype`` (block
-    fp32, the PEFT default; torch's default allow_tf32=False for fp32), block size ``r``, large M, N, K."""
-    block_dtype = torch.float32
-    fd = delta_dtype(dtype, block_dtype)
-    main = "ieee" if dtype == torch.float32 else "tf32"
+    fp32, the PEFT default; torch's default allow_tf32=False), block size ``r``, large M, N, K (int32 offsets)."""
     out: list[AotCase] = []
-    gemm_ptrs = {"A_PTR": dtype, "W": dtype, "BLK": block_dtype, "BIAS": dtype, "C": dtype}
-    build_ptrs = {"W": dtype, "BLK": block_dtype, "OUT": dtype}
-    dblock_ptrs = {"DY": dtype, "X": dtype, "W": dtype, "OUT": torch.float32}
     for op in ("bat_forward", "bat_backward"):
-        problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, block_dtype, torch.device("cpu"))
+        problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, torch.float32, torch.device("cpu"))
         candidates = configs.candidate_configs_for(problem, arch)
         if default_tiles_only:  # the default tile set (both strategies) and the Triton GEMM
             candidates = [c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"]
         for cfg in candidates:
             forward = op == "bat_forward"
             plan = ForwardPlan.parse(cfg, cfg) if forward else BackwardPlan.parse(cfg, cfg)
-            gemm_tiles = plan.tiles if forward else plan.dx
-            name = f"r{r}/{cfg['tiles']}"
-            form = _form_mode(plan.form_precision, dtype, fd, main)
             fused = plan.strategy == "fused"
+            spec = dict(archs=(arch,), form_precision=plan.form_precision)
             if fused or plan.gemm == "triton":
-                meta = _gemm_constexprs(
-                    forward=forward, fused=fused, has_bias=forward, r=r, tiles=gemm_tiles, fd=fd, form=form,
-                    main_precision=main, int64=False,
-                )  # fmt: skip
                 kernel = f"bat_{'fwd' if forward else 'dx'}_{'fused' if fused else 'gemm'}"
-                out.append(_aot_case(kernel, _bat_gemm_kernel, gemm_ptrs, meta, gemm_tiles, name, dtype))
+                out.append(_aot_case(kernel, dtype, r, plan.tiles if forward else plan.dx, **spec))
             if not fused:
-                meta = _build_constexprs(r=r, tiles=plan.build, fd=fd, form=form, int64=False)
-                out.append(_aot_case("bat_build", _bat_build_kernel, build_ptrs, meta, plan.build, name, dtype))
+                out.append(_aot_case("bat_build", dtype, r, plan.build, **spec))
             if not forward:
-                epi = _db_precision(plan.db_precision, dtype, fd, main)
-                meta = _dblock_constexprs(
-                    r=r, tiles=plan.dblock, fd=fd, main_precision=main, epi_precision=epi, atomic=False, int64=False
-                )
-                out.append(_aot_case("bat_dblock", _bat_dblock_kernel, dblock_ptrs, meta, plan.dblock, name, dtype))
+                out.append(_aot_case("bat_dblock", dtype, r, plan.dblock, **spec))
     return out
 
 
+_f16, _f32, _f64 = torch.float16, torch.float32, torch.float64
+CHECKED_SPECIALISATIONS: tuple[tuple[str, torch.dtype, int, str, dict], ...] = (
+    # (kernel, x dtype, r, tile set, other inputs); "variant" names what differs from the baseline's inputs.
+    ("bat_fwd_fused", _f64, 64, "m64n32k32w4s2", {}),
+    ("bat_dx_fused", _f64, 8, "m64n16k32w8s2", {}),  # fp32's small-r set; m64n32k32w4s2 spills 1.1-1.6 KB in fp64
+    ("bat_fwd_fused", _f32, 16, "m64n32k32w4s2", dict(block_dtype=_f64, variant="block_fp64")),
+    ("bat_fwd_fused", _f16, 64, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_dx_fused", _f16, 48, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_fwd_fused", _f32, 64, "m64n32k32w4s2", dict(bias=False, form_precision="ieee", tf32=True,
+                                                      variant="nobias.form_ieee.tf32")),
+    ("bat_fwd_fused", _f32, 3, "m64n32k32w4s2", dict(form_precision="tf32x3", tf32=True, variant="form_tf32x3.tf32")),
+    ("bat_dx_fused", _f16, 1, "m64n32k32w4s2", {}),
+    ("bat_fwd_gemm", _f16, 1, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_dx_gemm", _f64, 1, "m64n32k32w4s2", dict(int64=True, variant="int64")),
+    ("bat_dblock", _f64, 64, "m64n32k32w4s2", {}),
+    ("bat_dblock", _f32, 16, "m64n32k32w4s2", dict(block_dtype=_f64, atomic=True, int64=True,
+                                                   variant="block_fp64.atomic.int64")),
+    ("bat_dblock", _f16, 3, "m64n32k32w4s2", dict(atomic=True, variant="atomic")),
+    ("bat_dblock", _f16, 48, "m64n64k64w4s2", dict(int64=True, variant="int64")),
+    ("bat_build", _f64, 64, "n32k32w4s2", dict(form_precision="tf32x3")),
+    ("bat_build", _f16, 1, "n32k32w4s2", dict(form_precision="tf32x3", int64=True, variant="int64")),
+    ("bat_build", _f16, 48, "n32k32w4s2", dict(form_precision="tf32x3", int64=True, variant="int64")),
+)  # fmt: skip
+"""Specialisations the baseline's inputs (bf16 / fp32 x, fp32 block, int32 offsets, partial-sum dB) never reach:
+fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction, explicit formation precisions with TF32
+allowed, no bias, r = 1, 3 and 48 (padded lanes). The interpreter runs them all (tests/test_triton_bat.py); these
+compiles show that Triton's code generator accepts them for sm_80 and sm_90 within the same resource rules. Not
+stored in the baseline (``in_baseline=False``)."""
+
+
 def aot_cases() -> list[AotCase]:
-    """Every bat kernel x every shipped config, for the resource baseline (see :data:`AOT_SPECS`).
-
-    ``config_name`` is "<archs>/r<r>/<tile set>", e.g. "sm80+sm90/r64/m64n64k64w4s3": the GPU families whose
-    shipped configs launch this specialisation (compile it for each), the block size, the forward / dx tile set
-    of the config (the build and dB kernels of that config appear under the same name). Identical
-    specialisations appear once.
-
-    The cases mirror the launcher for contiguous tensors (unit strides specialised to 1, int32 offsets). At run
-    time Triton's launcher also marks 16-byte aligned pointers and ints divisible by 16 (``tt.divisibility``);
-    a compile meant to match run-time code generation passes those attrs too, as tests/test_triton_bat.py does.
-    """
+    """Every bat kernel x every shipped config (see :data:`AOT_SPECS`; one case per distinct specialisation, with
+    the architectures whose configs launch it), then :data:`CHECKED_SPECIALISATIONS` for sm_80 and sm_90."""
     found: dict[tuple, tuple[AotCase, set[str]]] = {}
-    for arch in AOT_ARCHS:
+    for arch in configs.SHIPPED_ARCHS:
         for r, dtype, default_only in AOT_SPECS:
             for case in _cases_for(arch, r, dtype, default_only):
                 constexprs = tuple(sorted((k, str(v)) for k, v in case.constexprs.items()))
                 key = (case.kernel, case.dtype, case.num_warps, case.num_stages, constexprs)
                 found.setdefault(key, (case, set()))[1].add(arch)
-    return [
-        dataclasses.replace(case, config_name=f"{'+'.join(sorted(archs))}/{case.config_name}")
-        for case, archs in found.values()
+    shipped = [dataclasses.replace(case, archs=tuple(sorted(archs))) for case, archs in found.values()]
+    checked = [
+        _aot_case(kernel, x_dtype, r, Tiles(**configs.bat_tiles(tiles)), in_baseline=False, **inputs)
+        for kernel, x_dtype, r, tiles, inputs in CHECKED_SPECIALISATIONS
     ]
+    return shipped + checked

@@ -510,16 +510,12 @@ def adapter_chunk(block_k: int, x_itemsize: int) -> int:
     return min(block_k, max(16, block_k * x_itemsize // 4))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _split_range(total: int, step: int, splits: int) -> tuple[int, int]:
     """Cut ``total`` items into at most ``splits`` chunks that are multiples of ``step``: (per_split, count)."""
-    steps = _cdiv(total, step)
+    steps = triton.cdiv(total, step)
     splits = max(1, min(int(splits), steps))
-    per = _cdiv(steps, splits) * step
-    return per, _cdiv(total, per)
+    per = triton.cdiv(steps, splits) * step
+    return per, triton.cdiv(total, per)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -547,7 +543,7 @@ def bone_forward(
     if strategy == "two_pass":
         gs = configs.group_sum_launch(r, configs.dtype_family(x.dtype))
         with nvtx_range("bonekern.triton.bone_group_sum"):
-            _group_sum_kernel[(_cdiv(m, gs["block_m"]), _cdiv(r, gs["block_r"]))](
+            _group_sum_kernel[(triton.cdiv(m, gs["block_m"]), triton.cdiv(r, gs["block_r"]))](
                 x, s, m, k, r, *x.stride(), *s.stride(),
                 ONEHOT=gs["onehot"], BLOCK_M=gs["block_m"], BLOCK_R=gs["block_r"], BLOCK_K=gs["block_k"],
                 DOT_DTYPE=dt.dot if gs["onehot"] else dt.acc, ACC_DTYPE=dt.acc, INDEX_64=index_64,
@@ -556,7 +552,7 @@ def bone_forward(
     bm, bn = cfg["block_m"], cfg["block_n"]
     r_pow2 = r if strategy == "group" else 1
     adapter_k = adapter_chunk(cfg["block_k"], x.element_size())
-    grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     with nvtx_range(f"bonekern.triton.bone_fwd[{strategy}]"):
         _bone_fwd_kernel[grid](
             x, weight, block, bias if bias is not None else y, y, s,
@@ -598,14 +594,14 @@ def bone_backward(
         dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
         index_64 = needs_int64(dy, weight, block, t, dx)
         with nvtx_range("bonekern.triton.bone_bwd_t"):
-            _bone_bwd_t_kernel[(_cdiv(m, tc["block_m"]), _cdiv(r, tc["block_r"]), t_splits)](
+            _bone_bwd_t_kernel[(triton.cdiv(m, tc["block_m"]), triton.cdiv(r, tc["block_r"]), t_splits)](
                 dy, block, t, m, n, r, c, n_per_split,
                 *dy.stride(), *block.stride(), *t.stride(),
                 BLOCK_M=tc["block_m"], BLOCK_N=tc["block_n"], BLOCK_R=tc["block_r"],
                 ACC_DTYPE=dt.acc, ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=index_64,
                 num_warps=tc["num_warps"], num_stages=tc["num_stages"],
             )  # fmt: skip
-        grid = (_cdiv(m, xc["block_m"]) * _cdiv(k, xc["block_k"]),)
+        grid = (triton.cdiv(m, xc["block_m"]) * triton.cdiv(k, xc["block_k"]),)
         with nvtx_range("bonekern.triton.bone_bwd_dx"):
             _bone_bwd_dx_kernel[grid](
                 dy, weight, t, dx, m, n, k, r, t_splits,
@@ -622,7 +618,7 @@ def bone_backward(
         dblock = torch.empty((r, c), dtype=block.dtype, device=block.device)
         part = dblock if m_splits == 1 else torch.empty((m_splits, r, c), dtype=dt.delta, device=dy.device)
         stride_part = (0, *part.stride()) if m_splits == 1 else part.stride()
-        grid = (_cdiv(r, bc["block_r"]), _cdiv(c, block_c), m_splits)
+        grid = (triton.cdiv(r, bc["block_r"]), triton.cdiv(c, block_c), m_splits)
         with nvtx_range("bonekern.triton.bone_bwd_dblock"):
             _bone_bwd_dblock_kernel[grid](
                 s, dy, part, m, n, r, c, m_per_split,
@@ -635,7 +631,7 @@ def bone_backward(
         if m_splits > 1:
             numel = r * c
             with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
-                _sum_splits_kernel[(_cdiv(numel, 1024),)](
+                _sum_splits_kernel[(triton.cdiv(numel, 1024),)](
                     part, dblock, numel, m_splits, BLOCK=1024, INDEX_64=needs_int64(part), num_warps=4, num_stages=1
                 )  # fmt: skip
     return dx, dblock

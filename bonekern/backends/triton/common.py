@@ -18,18 +18,28 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class AotCase:
-    """One kernel specialisation to compile ahead of time (no GPU needed) for the resource baseline.
+    """One kernel specialisation to compile ahead of time (no GPU needed); ``resources.py`` compiles every case
+    of every kernel module's ``aot_cases()`` and checks its registers, spills and shared memory.
 
     Attributes:
-        kernel: stable kernel name, e.g. "bone_fwd"; the baseline's key together with ``config_name``/``dtype``.
+        kernel: stable kernel name, e.g. "bone_fwd", "bat_dx_fused".
         fn: the ``@triton.jit`` function.
         signature: ``ASTSource`` signature: argument name -> Triton type ("*fp16", "*fp32", "i32", "i64",
             "constexpr").
         constexprs: values of the constexpr arguments for this specialisation.
         num_warps, num_stages: launch options.
-        config_name: which shipped config this is (as named in ``configs.py``).
-        dtype: the input dtype this specialisation is for ("bf16", "fp16", "fp32").
-        archs: the architectures this config ships for ("sm80", "sm90"); resources.py compiles it for those.
+        config_name: what selects this specialisation besides ``kernel`` and ``dtype``, as dot-separated parts
+            (never a "/", never the architecture: that is ``archs``): the strategy where it picks another code
+            path, the tile set as ``configs.py`` names it, compile-time adapter sizes ("r64", "c16"), and for
+            cases outside the shipped inputs what differs ("int64", "atomic"). Examples:
+            "group.m128n128k64w8s3.r64", "r16.c16.onehot", "m128n64k64w8s3.r64", "m64n64k64w4s2.r48.int64".
+            ``(kernel, config_name, dtype)`` is unique; the baseline key is ``"<kernel>/<config_name>/<dtype>"``.
+        dtype: the input (x) dtype this specialisation is for ("bf16", "fp16", "fp32", "fp64").
+        archs: the architecture families ("sm80", "sm90": ``configs.SHIPPED_ARCHS``) whose configs launch this
+            specialisation; ``resources.py`` compiles it for each of them.
+        in_baseline: stored in ``profiles/resources/triton_<arch>.json`` and held to it (no more spills or shared
+            memory than stored). False for specialisations outside the shipped inputs (fp64, int64 offsets, ...):
+            compiled and held to the absolute rules only (compiles, no spills, registers, shared memory).
     """
 
     kernel: str
@@ -41,6 +51,7 @@ class AotCase:
     config_name: str = "default"
     dtype: str = "bf16"
     archs: tuple[str, ...] = ("sm80", "sm90")
+    in_baseline: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,11 +85,14 @@ def needs_int64(*tensors: Any) -> bool:
     return False
 
 
-def fp32_dot_precision(device: Any) -> str:
-    """``input_precision`` for fp32 ``tl.dot``: "tf32" exactly when torch would use TF32 for an fp32 matmul on
-    ``device`` (``torch.backends.cuda.matmul.allow_tf32``), else "ieee" (always on the CPU interpreter)."""
+def fp32_dot_precision(device: Any, acc_dtype: Any = None) -> str:
+    """``input_precision`` for a ``tl.dot`` on fp32 operands: "tf32" exactly when torch would use TF32 for an fp32
+    matmul on ``device`` (``torch.backends.cuda.matmul.allow_tf32``), else "ieee": always on the CPU interpreter,
+    and always when the dot accumulates in float64 (``acc_dtype=torch.float64``: fp64 inputs keep fp64 accuracy)."""
     import torch
 
+    if acc_dtype == torch.float64:
+        return "ieee"
     if getattr(device, "type", device) == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"

@@ -5,9 +5,44 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..base import Config, OpProblem
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by every kernel module: which config family a device and a dtype belong to.
+# ----------------------------------------------------------------------------------------------------------
+
+SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
+
+
+def arch_of(device: torch.device) -> str:
+    """The config family for ``device``: "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada and other
+    GPUs with less shared memory) or "interpreter" (CPU tensors through TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    """ "half" for fp16/bf16 inputs (tensor-core GEMM), "fp32" for fp32 and fp64."""
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off the GPU): split counts aim at about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Candidates per op (the autotuner's entry points)
+# ----------------------------------------------------------------------------------------------------------
 
 
 def bone_forward_configs(problem: OpProblem) -> list[Config]:
@@ -22,12 +57,12 @@ def bone_backward_configs(problem: OpProblem) -> list[Config]:
 
 def bat_forward_configs(problem: OpProblem) -> list[Config]:
     """Candidates for bat forward, default first (see the "bat" section below)."""
-    return bat_forward_configs_for(problem, _bat_arch(problem.device))
+    return bat_forward_configs_for(problem, arch_of(problem.device))
 
 
 def bat_backward_configs(problem: OpProblem) -> list[Config]:
     """Candidates for bat backward, default first (see the "bat" section below)."""
-    return bat_backward_configs_for(problem, _bat_arch(problem.device))
+    return bat_backward_configs_for(problem, arch_of(problem.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -42,7 +77,7 @@ def bat_backward_configs(problem: OpProblem) -> list[Config]:
 #   reduction step over N (W's rows), its block_k the width of its output columns (W's columns).
 # block_n / block_k count lanes of W's rows / columns; the kernels fit them to r (bat.py, "tilings"), so one
 # tile set is valid for every r, and the tables below pick, per r class, the sets that compile without register
-# spills (tests/test_triton_bat.py checks every shipped one with ptxas for sm_80 and sm_90).
+# spills (resources.py compiles every shipped one for sm_80 and sm_90; profiles/resources/ keeps the figures).
 # "tiles" names the forward / dx tile set (logs, resource baseline); kernels do not read it.
 
 BAT_STRATEGIES: tuple[str, ...] = ("fused", "materialize")
@@ -72,6 +107,12 @@ def bat_tiles(name: str) -> dict[str, int]:
     if "block_m" in out:
         out["group_m"] = 8
     return out
+
+
+def bat_tile_name(block_n: int, block_k: int, num_warps: int, num_stages: int, block_m: int | None = None) -> str:
+    """The name :func:`bat_tiles` reads back: "m128n64k64w8s3", or "n32k64w8s1" without ``block_m``."""
+    m = "" if block_m is None else f"m{block_m}"
+    return f"{m}n{block_n}k{block_k}w{num_warps}s{num_stages}"
 
 
 BAT_R_CLASSES: tuple[str, ...] = ("small", "r16", "r32", "r64", "r128+")
@@ -162,8 +203,9 @@ BAT_TABLE_FP32: dict[str, dict] = {
         dblock="m64n64k32w4s3",
     ),
     "r32": dict(
-        fwd=("m64n32k32w4s3",),
-        dx=("m64n32k32w4s3",),
+        # 8 warps: with 4, the (R, BK) and (BN, BK) B tiles the r = 32 forward keeps in registers spill.
+        fwd=("m64n32k32w8s3",),
+        dx=("m64n32k32w8s3",),
         build="n32k32w4s1",
         dblock="m64n32k32w4s3",
     ),
@@ -225,17 +267,14 @@ BAT_INTERPRETER: dict[str, dict] = {
 }
 
 
-def _bat_arch(device: torch.device) -> str:
-    """ "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada, other GPUs) or "interpreter" (CPU tensors)."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major in (9, 10) else "sm80"
+def bat_padded_r(r: int) -> int:
+    """R: block size ``r`` rounded up to a power of two, the lanes one r-block takes in a bat tile."""
+    return 1 << (r - 1).bit_length()
 
 
 def bat_r_class(r: int) -> str:
     """The :data:`BAT_R_CLASSES` entry of block size ``r``."""
-    rp = 1 << (r - 1).bit_length()
+    rp = bat_padded_r(r)
     if rp < 16:
         return "small"
     return {16: "r16", 32: "r32", 64: "r64"}.get(rp, "r128+")
@@ -246,9 +285,9 @@ def bat_plan(arch: str, dtype: torch.dtype, r: int) -> dict:
     rc = bat_r_class(r)
     if arch == "interpreter":
         return {**BAT_INTERPRETER[rc], "gemm": "m32n32k32w4s1"}
-    dclass = "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
-    entry = BAT_TABLE[(arch, dclass, rc)] if dclass == "half" else BAT_TABLE_FP32[rc]
-    return {**entry, "gemm": BAT_GEMM_TILES[(arch, dclass)]}
+    family = dtype_family(dtype)
+    entry = BAT_TABLE[(arch, family, rc)] if family == "half" else BAT_TABLE_FP32[rc]
+    return {**entry, "gemm": BAT_GEMM_TILES[(arch, family)]}
 
 
 def bat_default_strategy(problem: OpProblem, block_m: int) -> str:
@@ -368,28 +407,6 @@ GEMM_TILES_BY_FAMILY: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], .
 strategies offered on it (see :func:`arch_of`, :func:`dtype_family`). Every tile set offers "two_pass", so every
 r is served; the backward's dx GEMM uses every tile set of the family."""
 
-SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
-
-
-def arch_of(device: torch.device) -> str:
-    """The config family for ``device``: "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada and other
-    GPUs with less shared memory) or "interpreter" (CPU tensors through TRITON_INTERPRET=1)."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major in (9, 10) else "sm80"
-
-
-def dtype_family(dtype: torch.dtype) -> str:
-    """ "half" for fp16/bf16 inputs (tensor-core GEMM), "fp32" for fp32 and fp64."""
-    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -486,7 +503,7 @@ def bone_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
     small = small_kernel_launch(arch, dtype_family(problem.dtype))
     block_r = adapter_block(problem.r)
     block_c = adapter_block(problem.block_cols)
-    target = 2 * _sm_count(problem.device)
+    target = 2 * sm_count(problem.device)
     t_programs = _cdiv(problem.m, small["block_m"]) * _cdiv(problem.r, block_r)
     t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small["block_n"])))
     d_programs = _cdiv(problem.r, block_r) * _cdiv(problem.block_cols, block_c)
