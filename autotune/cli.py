@@ -116,7 +116,10 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     cache = tuner.cache(settings)
     timer = None
     if args.repeats is not None and not device.startswith("cuda"):
-        timer = CpuTimer(min_repeats=min(3, args.repeats), max_repeats=args.repeats)
+        rounds = CpuTimer().rounds  # --repeats caps the timed runs per candidate over all interleaved rounds
+        timer = CpuTimer(
+            min_repeats=1, max_repeats=max(1, -(-args.repeats // rounds)), rounds=min(rounds, args.repeats)
+        )
     total = sum(len(j.space.candidate_list()) for j in jobs)
     progress = Progress(total, err)
     rows = []

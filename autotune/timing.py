@@ -29,27 +29,31 @@ def median_ms(samples: list[float]) -> float:
 
 
 class CpuTimer:
-    """``time.perf_counter`` around each call: untimed warm-up calls (at least one, and for at least
-    ``warmup_s``), then at least ``min_repeats`` and at most ``max_repeats`` timed ones, stopping once
-    ``budget_s`` has passed; the tuner takes the median.
+    """``time.perf_counter`` around each call. Per measurement: untimed warm-up calls (at least one, and for at
+    least ``warmup_s``), then at least ``min_repeats`` and at most ``max_repeats`` timed ones, stopping once
+    ``budget_s`` has passed. The tuner measures every candidate once per round for ``rounds`` rounds,
+    interleaved (a CPU shared with other work drifts), and takes the median of all of a candidate's samples.
 
     A candidate whose first two timed calls are both over ``give_up_factor`` times the best median so far is not
-    timed further (one slow call may be noise; two in a row on a clearly slower candidate save its budget).
+    timed further in that round (one slow call may be noise; two in a row on a clearly slower candidate save its
+    budget).
     """
 
     def __init__(
         self,
         warmup_s: float = 0.02,
-        min_repeats: int = 3,
-        max_repeats: int = 10,
-        budget_s: float = 0.25,
+        min_repeats: int = 1,
+        max_repeats: int = 4,
+        budget_s: float = 0.1,
         give_up_factor: float = 3.0,
+        rounds: int = 3,
     ):
         self.warmup_s = warmup_s
         self.min_repeats = min_repeats
         self.max_repeats = max_repeats
         self.budget_s = budget_s
         self.give_up_factor = give_up_factor
+        self.rounds = rounds
 
     def measure(self, candidate: Candidate, fn: Callable[[], object], best_ms: float | None) -> list[float]:
         warm_until = time.perf_counter() + self.warmup_s
@@ -73,8 +77,8 @@ class CpuTimer:
 
     def describe(self) -> str:
         return (
-            f"perf_counter, warm-up >= {self.warmup_s:g} s, median of {self.min_repeats}-{self.max_repeats} runs "
-            f"(budget {self.budget_s:g} s)"
+            f"perf_counter, candidates interleaved over {self.rounds} rounds, each: warm-up >= {self.warmup_s:g} s, "
+            f"{self.min_repeats}-{self.max_repeats} timed runs (budget {self.budget_s:g} s); median of all runs"
         )
 
 

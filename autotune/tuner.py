@@ -329,7 +329,7 @@ class Tuner:
         progress: Callable[[int, int, Candidate], None] | None,
     ) -> list[Timing]:
         """Two passes: run every candidate once (dropping failures and wrong results; this also warms up the
-        process, whose first calls are slow), then time the survivors."""
+        process, whose first calls are slow), then time the survivors, interleaved in the timer's rounds."""
         dropped: dict[int, Timing] = {}
         runnable: dict[int, Callable[[], object]] = {}
         reference: object = None
@@ -354,20 +354,31 @@ class Tuner:
             runnable[i] = fn
             del out
         del reference
-        timings: list[Timing] = []
+        # Time in rounds (``timer.rounds``, 1 unless the timer asks for more): every survivor gets a slice of its
+        # budget per round, so slow drift of a shared machine (frequency, neighbours) lands on all candidates
+        # alike instead of on whichever was timed at the wrong moment. Samples are merged; the median decides.
+        samples: dict[int, list[float]] = {i: [] for i in runnable}
+        errors: dict[int, str] = {}
         best: float | None = None
+        for round_ in range(max(1, int(getattr(timer, "rounds", 1)))):
+            for i, candidate in enumerate(candidates):
+                if round_ == 0 and progress is not None:
+                    progress(i, len(candidates), candidate)
+                if i in dropped or i in errors:
+                    continue
+                try:
+                    samples[i] += timer.measure(candidate, runnable[i], best)
+                except Exception as exc:
+                    errors[i] = _error_text(exc)
+                    continue
+                ms = median_ms(samples[i])
+                best = ms if best is None else min(best, ms)
+        timings: list[Timing] = []
         for i, candidate in enumerate(candidates):
-            if progress is not None:
-                progress(i, len(candidates), candidate)
             if i in dropped:
                 timings.append(dropped[i])
-                continue
-            try:
-                samples = timer.measure(candidate, runnable[i], best)
-            except Exception as exc:
-                timings.append(Timing(candidate, error=_error_text(exc)))
-                continue
-            ms = median_ms(samples)
-            timings.append(Timing(candidate, ms, len(samples)))
-            best = ms if best is None else min(best, ms)
+            elif i in errors:
+                timings.append(Timing(candidate, error=errors[i]))
+            else:
+                timings.append(Timing(candidate, median_ms(samples[i]), len(samples[i])))
         return timings

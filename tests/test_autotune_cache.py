@@ -230,3 +230,25 @@ def test_directory_that_cannot_be_created_falls_back_to_memory(tmp_path, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tuner.choose(make_space(make_key()), runner).layer == "user cache"
+
+
+def test_rounds_interleave_candidates_so_drift_hits_all_alike(env):
+    """A timer that asks for rounds sees every candidate once per round, in turn; the medians of all of a
+    candidate's samples decide. With a machine that slows down over time, sequential timing would crown
+    whichever candidate went first; interleaved, equal candidates stay equal and a real winner still wins."""
+
+    class DriftingTimer(FakeTimer):
+        rounds = 3
+
+        def measure(self, candidate, fn, best_ms):
+            fn()
+            self.calls.append(candidate.config["i"])
+            drift = len(self.calls)  # the machine gets slower with every timed call
+            return [self.times[candidate.config["i"]] + drift]
+
+    timer = DriftingTimer({0: 10.0, 1: 10.0, 2: 7.0})
+    decision = Tuner("attest", PREFIX, timer=timer).choose(make_space(make_key()), runner)
+    assert timer.calls == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    # medians: 0 -> 10 + (1, 4, 7) = 14, 1 -> 10 + (2, 5, 8) = 15, 2 -> 7 + (3, 6, 9) = 13. Timed one after the
+    # other (drift 1-3, 4-6, 7-9) candidate 0 would have won with 12 against 15 and 15.
+    assert decision.candidate.config == {"i": 2}
