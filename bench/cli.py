@@ -212,10 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = Timer(device)
     run_settings = Settings(budget_s=args.budget, min_repeats=args.min_repeats)
-    linear_cache: dict[tuple, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     for case in cases:
-        case_records = run_case(case, impls, run_settings, timer, linear_cache, progress)
+        case_records = run_case(case, impls, run_settings, timer, progress)
         records += case_records
         lines, _ = report.tables(case_records)
         print("\n".join(lines), flush=True)

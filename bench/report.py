@@ -16,6 +16,8 @@ import torch
 
 import bonekern
 
+from .runner import ROUNDS
+
 MIB = 1 << 20
 
 _CUPY_DISTRIBUTIONS = ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")
@@ -89,7 +91,7 @@ def header_lines(env: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         f"of {env['cpu_cores']} logical cores",
         f"versions: {versions}, python {env['python']} | git {env['git_commit']}",
         f"timing: median [p20-p80] of calls calibrated to {settings['budget_s']:g} s per measurement "
-        f"(at least {settings['min_repeats']}), "
+        f"(at least {settings['min_repeats']}), implementations interleaved over {ROUNDS} rounds, "
         + ("CUDA events, L2 flushed before each call" if env["gpu"] else "perf_counter"),
         f"bonekern autotune: BONEKERN_AUTOTUNE={settings.get('autotune', '1')} (see --autotune)",
         "TFLOP/s, GB/s: the method's FLOPs and compulsory bytes (bench/costs.py) / fwd+bwd median",

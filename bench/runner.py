@@ -1,10 +1,13 @@
 """Measure every implementation of every case; one flat result record per (case, implementation).
 
-Per implementation, in this order: time forward (with autograd recording, as in training); time forward+backward
-(``torch.autograd.grad`` of y against x and the adapter's trainable tensors with a fixed dY); one forward+backward
-under the memory tracker (peak); one forward under the memory tracker and ``saved_tensors_hooks`` (what stays
-alive after forward and what autograd keeps). The tracked forward+backward's outputs are checked against PEFT's
-(or, without PEFT, against bonekern's reference backend) so a wrong implementation cannot post a good time.
+Timing first, interleaved: forward+backward (``torch.autograd.grad`` of y against x and the adapter's trainable
+tensors with a fixed dY) and forward (with autograd recording, as in training) of every implementation are timed
+round-robin over :data:`ROUNDS` rounds, each implementation getting a slice of its calibrated repeats per round,
+so a shared machine's drift (frequency, neighbours) lands on all of them alike instead of on whichever ran at the
+wrong moment. Then, per implementation: one forward+backward under the memory tracker (peak); one forward under
+the memory tracker and ``saved_tensors_hooks`` (what stays alive after forward and what autograd keeps). The
+tracked forward+backward's outputs are checked against PEFT's (or, without PEFT, against bonekern's reference
+backend) so a wrong implementation cannot post a good time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from . import impls as impls_mod
 from .costs import cost
 from .memory import kept_for_backward, measure, storage_bytes
 from .suites import Case
-from .timing import Timer
+from .timing import Timer, TimeStats, stats
 
 CHECK_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-9,
@@ -33,6 +36,10 @@ CHECK_TOLERANCE: dict[torch.dtype, float] = {
 }
 """Largest relative error ||a - b|| / ||b|| (Frobenius) tolerated between two implementations of the same math:
 rounding differences grow with K, far below what a wrong formula or a missing term produces."""
+
+
+ROUNDS = 3
+"""Timing rounds per case; see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -71,24 +78,66 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a64 - b64) / torch.linalg.vector_norm(b64).clamp_min(1e-30))
 
 
-def _measure_impl(
-    case: Case, impl: impls_mod.Impl, t: impls_mod.CaseTensors, timer: Timer, settings: Settings
-) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
-    x, dy = t.x, t.dy
-    inputs = [x, *impl.trainable]
-    tag = f"bench {case.case_id} {impl.name}"
+def _timed_functions(impl: impls_mod.Impl, t: impls_mod.CaseTensors) -> dict[str, Callable[[], object]]:
+    """The two timed calls of ``impl``: "fwdbwd" (forward, then the gradients of x and the trainable tensors)
+    and "fwd"."""
+    inputs = [t.x, *impl.trainable]
 
     def fwd() -> torch.Tensor:
-        return impl.forward(x)
+        return impl.forward(t.x)
 
     def fwd_bwd() -> tuple[torch.Tensor, ...]:
-        y = impl.forward(x)
-        return (y, *torch.autograd.grad(y, inputs, dy))
+        y = impl.forward(t.x)
+        return (y, *torch.autograd.grad(y, inputs, t.dy))
 
-    budget = (settings.budget_s, settings.min_repeats, settings.max_repeats)
-    timed = {"fwdbwd": timer.calibrated(fwd_bwd, f"{tag} forward+backward", *budget)}
-    # forward+backward has just run the forward: no second warm-up
-    timed["fwd"] = timer.calibrated(fwd, f"{tag} forward", *budget, warm_up=False)
+    return {"fwdbwd": fwd_bwd, "fwd": fwd}
+
+
+def _time_interleaved(
+    functions: dict[str, dict[str, Callable[[], object]]], tags: dict[str, str], timer: Timer, settings: Settings
+) -> tuple[dict[str, dict[str, TimeStats]], dict[str, str]]:
+    """Time every (implementation, call) round-robin; returns the stats and the implementations that raised."""
+    samples: dict[tuple[str, str], list[float]] = {}
+    per_round: dict[tuple[str, str], int] = {}
+    failed: dict[str, str] = {}
+    for name, calls in functions.items():  # warm up and estimate each call once
+        try:
+            for kind, fn in calls.items():
+                label = f"{tags[name]} {kind}"
+                timer.once_ms(fn, f"{label} (warm-up)")
+                first = timer.once_ms(fn, label)
+                total = timer.repeats_for(first, settings.budget_s, settings.min_repeats, settings.max_repeats)
+                samples[name, kind] = [first]
+                per_round[name, kind] = max(1, -(-(total - 1) // ROUNDS))
+        except Exception as e:
+            failed[name] = f"{type(e).__name__}: {e}"
+    for _ in range(ROUNDS):
+        for name, calls in functions.items():
+            if name in failed:
+                continue
+            try:
+                for kind, fn in calls.items():
+                    label = f"{tags[name]} {kind}"
+                    samples[name, kind] += [timer.once_ms(fn, label) for _ in range(per_round[name, kind])]
+            except Exception as e:
+                failed[name] = f"{type(e).__name__}: {e}"
+    timed = {
+        name: {kind: stats(samples[name, kind]) for kind in calls}
+        for name, calls in functions.items()
+        if name not in failed
+    }
+    return timed, failed
+
+
+def _measure_impl(
+    case: Case,
+    impl: impls_mod.Impl,
+    timed: dict[str, TimeStats],
+    fwd_bwd: Callable[[], tuple[torch.Tensor, ...]],
+    fwd: Callable[[], torch.Tensor],
+) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+    """The record of one implementation: its timings (already measured), costs, memory and kept bytes."""
+    tag = f"bench {case.case_id} {impl.name}"
     with nvtx_range(f"{tag} forward+backward (memory)"):
         use, outputs = measure(fwd_bwd, case.device)
     with nvtx_range(f"{tag} forward (kept for backward)"):
@@ -178,14 +227,9 @@ def run_case(
     impl_names: list[str],
     settings: Settings,
     timer: Timer,
-    linear_cache: dict[tuple, dict[str, Any]],
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Measure ``impl_names`` on ``case``; one record per name, in that order.
-
-    The frozen linear layer's result depends only on the shape, not the variant: it is measured once per shape
-    (``linear_cache``) and repeated in every variant's table.
-    """
+    """Measure ``impl_names`` on ``case``; one record per name, in that order."""
     try:
         spec: AdapterSpec = make_spec(
             case.variant, case.shape.out_features, case.shape.in_features, case.r, case.mini_r
@@ -194,7 +238,7 @@ def run_case(
         return [not_run(case, name, f"the case is invalid: {e}") for name in impl_names]
     tensors = impls_mod.CaseTensors.make(case, spec)
     records: dict[str, dict[str, Any]] = {}
-    reference: tuple[str, tuple[torch.Tensor, ...]] | None = None
+    built: dict[str, impls_mod.Impl] = {}
     # PEFT first, then bonekern's reference backend: the first of them that runs is what the others are checked
     # against (and only its outputs are kept)
     order = sorted(impl_names, key=lambda n: {"peft": 0, "reference": 1}.get(n, 2))
@@ -203,14 +247,23 @@ def run_case(
         if reason is not None:
             records[name] = not_run(case, name, reason)
             continue
-        if name == "linear" and case.shape_key in linear_cache:
-            records[name] = {**linear_cache[case.shape_key], **_case_fields(case)}
-            continue
-        progress(f"{case.case_id} {name}")
         try:
-            impl = impls_mod.build(name, case, spec, tensors)
-            record, out = _measure_impl(case, impl, tensors, timer, settings)
+            built[name] = impls_mod.build(name, case, spec, tensors)
         except Exception as e:  # reported as failed; the other implementations still run
+            records[name] = {**not_run(case, name, f"{type(e).__name__}: {e}"), "status": "failed"}
+    progress(f"{case.case_id}: timing {', '.join(built)} interleaved")
+    functions = {name: _timed_functions(impl, tensors) for name, impl in built.items()}
+    tags = {name: f"bench {case.case_id} {name}" for name in built}
+    timed, failed = _time_interleaved(functions, tags, timer, settings)
+    reference: tuple[str, tuple[torch.Tensor, ...]] | None = None
+    for name, impl in built.items():
+        if name in failed:
+            records[name] = {**not_run(case, name, failed[name]), "status": "failed"}
+            continue
+        progress(f"{case.case_id} {name}: memory and outputs")
+        try:
+            record, out = _measure_impl(case, impl, timed[name], functions[name]["fwdbwd"], functions[name]["fwd"])
+        except Exception as e:
             records[name] = {**not_run(case, name, f"{type(e).__name__}: {e}"), "status": "failed"}
             continue
         records[name] = record
@@ -220,9 +273,8 @@ def run_case(
                 record["check_reference"] = True
             else:
                 _check(record, out, reference, case.dtype)
-        if name == "linear":
-            linear_cache[case.shape_key] = dict(record)
-        del impl, out
+        del out
+    del built, functions
     gc.collect()  # PEFT's wrappers hold reference cycles; free their adapters before the next case
     _ratios(records)
     return [records[name] for name in impl_names]

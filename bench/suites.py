@@ -138,9 +138,3 @@ class Case:
         mini = f"/mini_r{self.mini_r}" if self.variant == "mini" else ""
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{self.shape.name}/{self.variant}/r{self.r}{mini}/{dtype}/M{self.tokens}"
-
-    @property
-    def shape_key(self) -> tuple:
-        """What the frozen linear layer's result depends on (it is the same for every variant and r)."""
-        s = self.shape
-        return (s.in_features, s.out_features, s.bias, self.tokens, self.dtype, self.device)

@@ -72,6 +72,10 @@ class Timer:
             fn()
             return (time.perf_counter() - t0) * 1e3
 
+    def repeats_for(self, estimate_ms: float, budget_s: float, min_repeats: int, max_repeats: int) -> int:
+        """How many timed calls fit ``budget_s`` at ``estimate_ms`` per call, clamped to [min, max]."""
+        return max(min_repeats, min(max_repeats, math.ceil(budget_s * 1e3 / max(estimate_ms, 1e-3))))
+
     def calibrated(
         self,
         fn: Callable[[], object],
@@ -87,6 +91,6 @@ class Timer:
         if warm_up:
             self.once_ms(fn, f"{label} (warm-up)")
         first = self.once_ms(fn, label)
-        repeats = max(min_repeats, min(max_repeats, math.ceil(budget_s * 1e3 / max(first, 1e-3))))
+        repeats = self.repeats_for(first, budget_s, min_repeats, max_repeats)
         samples = [first] + [self.once_ms(fn, label) for _ in range(repeats - 1)]
         return stats(samples)

@@ -162,11 +162,11 @@ def test_missing_peft_is_reported(monkeypatch):
 
 def test_run_case_reports_not_run_and_invalid_cases():
     case, _, _ = _case("bone")
-    records = run_case(case, ["triton", "linear"], Settings(0.001, 2), timing.Timer(CPU), {})
+    records = run_case(case, ["triton", "linear"], Settings(0.001, 2), timing.Timer(CPU))
     assert records[0]["status"] == "not run" and records[0]["reason"] == impls.not_run_reason("triton", CPU)
     assert records[1]["status"] == "ok" and records[1]["fwdbwd_repeats"] >= 2
     odd = suites.Case(suites.LayerShape("test", ("odd",), 100, 256, False), "bat", 16, None, 8, torch.float32, CPU)
-    records = run_case(odd, ["torch"], Settings(0.001, 2), timing.Timer(CPU), {})
+    records = run_case(odd, ["torch"], Settings(0.001, 2), timing.Timer(CPU))
     assert records[0]["status"] == "not run" and "in_features" in records[0]["reason"]
 
 
