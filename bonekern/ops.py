@@ -58,6 +58,23 @@ def _none_to_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
 
+def _backward_fake(dy: Tensor, weight: Tensor, block: Tensor, need_dx: bool, need_dblock: bool):
+    """Shapes of a backward op's (dx, dblock): (M, K) and block's shape, or empty where not needed."""
+    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(_EMPTY)
+    dblock = torch.empty_like(block) if need_dblock else block.new_empty(_EMPTY)
+    return dx, dblock
+
+
+def _grads_or_none(backward_op) -> GradFn:
+    """Wrap a backward custom op (which returns empty tensors for grads not asked for) to return None instead."""
+
+    def call(dy, saved, weight, block, need_dx, need_dblock, backend):
+        dx, dblock = backward_op(dy, saved, weight, block, need_dx, need_dblock, backend)
+        return (dx if need_dx else None), (dblock if need_dblock else None)
+
+    return call
+
+
 def _run(op: str, backend_name: str, m: int, weight: Tensor, block: Tensor, dtype: torch.dtype, *args):
     problem = OpProblem.from_tensors(op, m, weight, block, dtype)
     backend, config = dispatch.select(problem, backend_name, args)
@@ -187,14 +204,10 @@ def bone_backward(
 
 @bone_backward.register_fake
 def _(dy, s, weight, block, need_dx, need_dblock, backend):
-    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(_EMPTY)
-    dblock = torch.empty_like(block) if need_dblock else block.new_empty(_EMPTY)
-    return dx, dblock
+    return _backward_fake(dy, weight, block, need_dx, need_dblock)
 
 
-def _bone_backward_op(dy, s, weight, block, need_dx, need_dblock, backend):
-    dx, dblock = torch.ops.bonekern.bone_backward(dy, s, weight, block, need_dx, need_dblock, backend)
-    return (dx if need_dx else None), (dblock if need_dblock else None)
+_bone_backward_op = _grads_or_none(torch.ops.bonekern.bone_backward)
 
 
 def _bone_setup_context(ctx, inputs, output) -> None:
@@ -232,14 +245,10 @@ def bat_backward(
 
 @bat_backward.register_fake
 def _(dy, x, weight, block, need_dx, need_dblock, backend):
-    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(_EMPTY)
-    dblock = torch.empty_like(block) if need_dblock else block.new_empty(_EMPTY)
-    return dx, dblock
+    return _backward_fake(dy, weight, block, need_dx, need_dblock)
 
 
-def _bat_backward_op(dy, x, weight, block, need_dx, need_dblock, backend):
-    dx, dblock = torch.ops.bonekern.bat_backward(dy, x, weight, block, need_dx, need_dblock, backend)
-    return (dx if need_dx else None), (dblock if need_dblock else None)
+_bat_backward_op = _grads_or_none(torch.ops.bonekern.bat_backward)
 
 
 def _bat_setup_context(ctx, inputs, output) -> None:

@@ -34,7 +34,10 @@ def check_weight_and_block(weight: torch.Tensor, block: torch.Tensor, variant: s
         raise ValueError(f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}")
     if block.device != weight.device:
         raise ValueError(f"block must be on the same device as weight ({weight.device}); got block on {block.device}")
-    return spec_from_block(variant, tuple(weight.shape), tuple(block.shape), mini_r)
+    # The spec is memoised for eager calls; under torch.compile the pure function is traced instead (dynamo
+    # would trace through the cache wrapper anyway, and warns when it does).
+    make_spec = spec_from_block.__wrapped__ if torch.compiler.is_compiling() else spec_from_block
+    return make_spec(variant, tuple(weight.shape), tuple(block.shape), mini_r)
 
 
 def check_linear_args(
