@@ -1,8 +1,8 @@
-"""The CuPy backend's CUDA sources compile for sm_80 and sm_90 without a GPU, within the hardware's resources.
+"""The CuPy backend's CUDA sources compile for sm_80, sm_90 and sm_100 without a GPU, within the hardware's resources.
 
 - NVRTC (CuPy's compiler, the exact source text and options used at run time plus ``-arch``): every kernel
   builds, and its ptxas figures (registers, spills, shared memory) are checked against the limits and against the
-  baseline in profiles/resources/cuda_sm{80,90}.json (regenerate with :data:`compile.REGENERATE`).
+  baseline in profiles/resources/cuda_sm{80,90,100}.json (regenerate with :data:`compile.REGENERATE`).
 - nvcc (``nvcc -cubin -arch=sm_XY -Xptxas -v``) where the CUDA toolkit is installed: the same checks.
 - The vectorised kernels really issue 16-byte global memory accesses (PTX).
 

@@ -5,8 +5,8 @@
   r = 3 (broadcast formation, padded lanes), r = 16 (batched 3-D dot), r = 32 / 64 / 128 (sub-block tiles with
   one or several s-chunks), r = 48 (padded sub-blocks); M and N not multiples of the tile, strided and 3-D x.
 - Configs: every candidate of configs.py is accepted and runs; bad ones raise ValueError naming the entry.
-- Ahead-of-time compiles of ``bat.aot_cases()`` for sm_80 / sm_90 (every shipped config, and the specialisations
-  this file runs but the shipped inputs never reach) are in tests/test_triton_resources.py, with bone's.
+- Ahead-of-time compiles of ``bat.aot_cases()`` for sm_80 / sm_90 / sm_100 (every shipped config, and the
+  specialisations this file runs but the shipped inputs never reach) are in tests/test_triton_resources.py.
 - GPU only (``@pytest.mark.gpu``): full-size numerics, and timings against cuBLAS and the torch backend.
 """
 

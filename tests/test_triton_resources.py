@@ -1,6 +1,7 @@
 """Resource baseline of the Triton kernels (bone.py and bat.py): every kernel x shipped config x dtype compiled ahead
-of time for sm_80 and sm_90 (no GPU needed) must not spill, must fit 255 registers and the architecture's shared
-memory, and must not use more spills or shared memory than profiles/resources/triton_sm{80,90}.json record. The
+of time for sm_80, sm_90 and sm_100 (sm_100 runs the sm_90 family's tables; no GPU needed) must not spill, must fit
+255 registers and the architecture's shared memory, and must not use more spills or shared memory than
+profiles/resources/triton_sm{80,90,100}.json record. The
 specialisations outside the shipped inputs (fp64, fp16, int64 offsets, atomic dB, fp64 block, r = 1 / 3 / 48) are
 compiled in the same run and held to the same absolute rules, without being stored.
 
@@ -50,10 +51,23 @@ def test_problems_flags_every_rule():
     assert "k/checked/fp64: spills (4 B stores, 0 B loads)" in found
     assert "k/checked/fp64: not in the baseline" not in found
     assert resources.problems("sm80", {"k/a/bf16": _ok()}, {"k/a/bf16": _ok()}) == []
+    fp64_spill = {"k/c/fp64": _ok(spill_stores=4)}
+    assert resources.problems("sm100", fp64_spill, {}, checked_only={"k/c/fp64"}) == []  # SPILLS_TOLERATED
+    assert resources.problems("sm90", fp64_spill, {}, checked_only={"k/c/fp64"}) != []
     assert resources.problems("sm80", {"k/c/fp64": _ok()}, {}, checked_only={"k/c/fp64"}) == []
     second = {"ptxas-blackwell": {"registers": 256, "spills": 8}}
     found = "\n".join(resources.problems("sm90", {"k/a/bf16": _ok(**second)}, {"k/a/bf16": _ok()}))
     assert "spills 8 B with ptxas-blackwell" in found and "256 registers > 255 with ptxas-blackwell" in found
+
+
+def test_every_compile_target_gets_the_tables_its_gpus_run(monkeypatch):
+    """Each compile target is compiled with the config family that configs.arch_of hands a GPU of that compute
+    capability (sm_100, B200: Hopper's tables), and every shipped family is compiled."""
+    assert set(resources.FAMILY) == set(resources.ARCHS) == set(resources.SHARED_LIMIT)
+    assert set(resources.FAMILY.values()) == set(configs.SHIPPED_ARCHS)
+    for target, capability in resources.ARCHS.items():
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=capability: divmod(cc, 10))
+        assert configs.arch_of(torch.device("cuda")) == resources.FAMILY[target], target
 
 
 def test_baseline_files_exist_and_name_the_regeneration_command():
@@ -95,7 +109,7 @@ def _tile_of(key: str) -> str | None:
     return config_name if kernel == "bone_bwd_dx" else None
 
 
-@pytest.mark.parametrize("arch", list(resources.ARCHS))
+@pytest.mark.parametrize("arch", configs.SHIPPED_ARCHS)
 def test_every_shipped_bone_config_has_an_aot_case(arch):
     """What the configs hand to the kernels on sm_80/sm_90 is what the baseline compiles (bf16 and fp32: every
     tile set; fp16: the default tile set and the small kernels), with the same warps and stages."""
@@ -117,7 +131,7 @@ def _bat_tile_name(tiles: dict) -> str:
     )
 
 
-@pytest.mark.parametrize("arch", list(resources.ARCHS))
+@pytest.mark.parametrize("arch", configs.SHIPPED_ARCHS)
 def test_every_shipped_bat_config_has_an_aot_case(arch):
     """Each bat candidate of configs.py (per r class and dtype family: every candidate in bf16, the default tile
     set in fp32) launches kernels that are among the baseline cases for ``arch``, with the same warps and stages;
@@ -153,7 +167,7 @@ def test_checked_specialisations_cover_the_inputs_outside_the_baseline():
     """fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction and r = 1, 3, 48 are compiled for
     both architectures (held to the absolute rules, not stored)."""
     checked = [c for c in resources.all_cases() if not c.in_baseline]
-    assert all(set(c.archs) == set(resources.ARCHS) for c in checked)
+    assert all(set(c.archs) == set(configs.SHIPPED_ARCHS) for c in checked)
     assert {c.kernel for c in checked} == set(bat.AOT_KERNELS)
     parts = {p for c in checked for p in c.config_name.split(".")}
     assert {"fp64", "fp16"} <= {c.dtype for c in checked}
@@ -171,7 +185,7 @@ def test_compiled_kernels_fit_and_match_the_baseline():
     checked_only = resources.checked_only_keys(cases)
     found = []
     for arch in resources.ARCHS:
-        wanted = {resources.case_key(c) for c in cases if arch in c.archs}
+        wanted = {resources.case_key(c) for c in cases if resources.FAMILY[arch] in c.archs}
         assert wanted and results[arch].keys() == wanted, f"{arch}: compiled cases differ from the AOT cases"
         found += resources.problems(arch, results[arch], resources.load_baseline(arch), checked_only)
     assert not found, (

@@ -2,8 +2,8 @@
 figures.
 
 - :func:`nvrtc_compile` is THE compile: the launcher calls it for the device's ``sm_XY`` and loads the cubin with
-  ``cupy.RawModule``; the tests call it for sm_80 / sm_90 with no GPU present. NVRTC comes through CuPy's low-level
-  binding (``cupy_backends.cuda.libs.nvrtc``, in a plain ``pip install 'bonekern[cupy]'``), with exactly
+  ``cupy.RawModule``; the tests call it for sm_80 / sm_90 / sm_100 with no GPU present. NVRTC comes through CuPy's
+  low-level binding (``cupy_backends.cuda.libs.nvrtc``, in a plain ``pip install 'bonekern[cupy]'``), with exactly
   :data:`NVRTC_OPTIONS` (no ``-ftz``: denormals behave as in torch; CuPy's own ``RawModule(code=...)`` would add
   ``-ftz=true``).
 - :func:`nvcc_compile` (``nvcc -cubin -arch=sm_XY -Xptxas -v``), where the CUDA toolkit is installed: a second
@@ -11,8 +11,8 @@ figures.
 
 ``-Xptxas -v`` makes ptxas report, per kernel: registers, spill stores/loads, stack and static shared memory.
 :func:`check_resources` turns them into failures (new spills, > 255 registers, shared memory above the
-architecture's limit). The figures for sm_80 and sm_90 are kept in ``profiles/resources/cuda_sm80.json`` and
-``cuda_sm90.json`` as a baseline; regenerate them after changing a kernel with::
+architecture's limit). The figures for sm_80, sm_90 and sm_100 are kept in ``profiles/resources/cuda_sm<XY>.json``
+as a baseline; regenerate them after changing a kernel with::
 
     PYTHONPATH=. python -m bonekern.backends.cupy.compile --write profiles/resources
 """
@@ -34,12 +34,12 @@ from .sources import KERNEL_FILES, kernels_dir, load_source
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-lineinfo")
 """Options of every compile, besides ``-arch=sm_XY`` (and ``-Xptxas=-v`` when figures are wanted)."""
 
-ARCHS: tuple[int, ...] = (80, 90)
-"""The architectures the kernels are checked and baselined for (A100, H100/H200)."""
+ARCHS: tuple[int, ...] = (80, 90, 100)
+"""The architectures the kernels are checked and baselined for (A100, H100/H200, B200)."""
 
 REGISTER_LIMIT = 255
-SHARED_MEMORY_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
-"""Shared memory per block, bytes: sm_80 163 KiB, sm_90 227 KiB (with the opt-in carve-out)."""
+SHARED_MEMORY_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+"""Shared memory per block, bytes: sm_80 163 KiB, sm_90 and sm_100 227 KiB (with the opt-in carve-out)."""
 
 REGENERATE = "PYTHONPATH=. python -m bonekern.backends.cupy.compile --write profiles/resources"
 
@@ -198,7 +198,7 @@ def read_baseline(directory: Path, arch: int) -> dict[str, KernelResources]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", type=Path, help="directory to write cuda_sm<arch>.json baselines into")
-    parser.add_argument("--arch", type=int, action="append", help="architectures (default: 80 and 90)")
+    parser.add_argument("--arch", type=int, action="append", help="architectures (default: 80, 90 and 100)")
     parser.add_argument("--compiler", choices=("nvrtc", "nvcc"), default="nvrtc")
     args = parser.parse_args(argv)
     failed = False

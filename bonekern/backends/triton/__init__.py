@@ -9,8 +9,8 @@ Layout of this package (importing it never imports triton; kernels load on first
   "fp32") and every tunable config and default of bone/mini and bat, in one place;
 - ``bone.py``: bone/mini kernels, their host functions and ``aot_cases()``; ``bat.py``: the same for bat
   (``aot_cases()`` also returns the specialisations outside the shipped inputs, checked but not stored);
-- ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 without a GPU, checks registers,
-  spills and shared memory, and keeps the baseline ``profiles/resources/triton_sm{80,90}.json``
+- ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 / sm_100 without a GPU, checks registers,
+  spills and shared memory, and keeps the baseline ``profiles/resources/triton_sm{80,90,100}.json``
   (``python -m bonekern.backends.triton.resources [--write]``).
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is set

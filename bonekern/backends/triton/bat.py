@@ -1073,13 +1073,13 @@ CHECKED_SPECIALISATIONS: tuple[tuple[str, torch.dtype, int, str, dict], ...] = (
 """Specialisations the baseline's inputs (bf16 / fp32 x, fp32 block, int32 offsets, partial-sum dB) never reach:
 fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction, explicit formation precisions with TF32
 allowed, no bias, r = 1, 3 and 48 (padded lanes). The interpreter runs them all (tests/test_triton_bat.py); these
-compiles show that Triton's code generator accepts them for sm_80 and sm_90 within the same resource rules. Not
+compiles show that Triton's code generator accepts them for sm_80, sm_90 and sm_100 within the same resource rules. Not
 stored in the baseline (``in_baseline=False``)."""
 
 
 def aot_cases() -> list[AotCase]:
     """Every bat kernel x every shipped config (see :data:`AOT_SPECS`; one case per distinct specialisation, with
-    the architectures whose configs launch it), then :data:`CHECKED_SPECIALISATIONS` for sm_80 and sm_90."""
+    the architectures whose configs launch it), then :data:`CHECKED_SPECIALISATIONS` for both families."""
     found: dict[tuple, tuple[AotCase, set[str]]] = {}
     for arch in configs.SHIPPED_ARCHS:
         for r, dtype, default_only in AOT_SPECS:

@@ -16,6 +16,8 @@ from ..base import Config, OpProblem
 # ----------------------------------------------------------------------------------------------------------
 
 SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
+"""The config families with shipped tables. "sm90" also serves datacenter Blackwell (sm_100), so its tables are
+compiled for both sm_90 and sm_100 (``resources.FAMILY``)."""
 
 
 def arch_of(device: torch.device) -> str:
@@ -77,7 +79,7 @@ def bat_backward_configs(problem: OpProblem) -> list[Config]:
 #   reduction step over N (W's rows), its block_k the width of its output columns (W's columns).
 # block_n / block_k count lanes of W's rows / columns; the kernels fit them to r (bat.py, "tilings"), so one
 # tile set is valid for every r, and the tables below pick, per r class, the sets that compile without register
-# spills (resources.py compiles every shipped one for sm_80 and sm_90; profiles/resources/ keeps the figures).
+# spills (resources.py compiles every shipped one for sm_80, sm_90 and sm_100; profiles/resources/ keeps the figures).
 # "tiles" names the forward / dx tile set (logs, resource baseline); kernels do not read it.
 
 BAT_STRATEGIES: tuple[str, ...] = ("fused", "materialize")
@@ -151,7 +153,8 @@ BAT_TABLE: dict[tuple[str, str, str], dict] = {
         fwd=("m128n128k64w8s3", "m64n64k64w4s3"),
         dx=("m128n64k64w8s3", "m64n64k64w4s3"),
         build="n32k64w8s1",
-        dblock="m64n64k64w8s3",
+        # 2 stages: with 3, r = 128 spills 24 B on sm_100 (ptxas-blackwell holds it to 128 registers).
+        dblock="m64n64k64w8s2",
     ),
     # Ampere / Ada (sm_80: 163 KiB shared memory; sm_86, sm_89: 99 KiB; every set below needs at most 99 KiB).
     ("sm80", "half", "small"): dict(
