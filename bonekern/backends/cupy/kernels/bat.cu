@@ -26,10 +26,7 @@ __device__ __forceinline__ void bat_weight(T* __restrict__ out, const T* __restr
     const T* z = w + t.batch * r * k_size;
     const A* b_i = b + t.batch * r * r;
     A acc[TileT::TM][TileT::TN];
-#pragma unroll
-    for (int i = 0; i < TileT::TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
+    zero_tile<TileT>(acc);
     tile_gemm<TileT, A, false>(
         acc, t.m0, t.n0, k_size, r, 0, r, [=](i64 u, i64 s) { return widen<A>(z[u * r + s]); },
         [=](i64 s, i64 q) { return b_i[s * r + q]; });
@@ -62,10 +59,7 @@ __device__ __forceinline__ void bat_block_grad(A* __restrict__ partial, const A*
     const T* z = w + t.batch * r * k_size;
     const A* gz = g + t.batch * r * k_size;
     A acc[TileT::TM][TileT::TN];
-#pragma unroll
-    for (int i = 0; i < TileT::TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
+    zero_tile<TileT>(acc);
     // A operand: W_i^T, i.e. a(s, u) = Z_i[u, s] (stored transposed: consecutive s are adjacent).
     tile_gemm<TileT, A, true>(
         acc, t.m0, t.n0, r, r, u_begin, u_end, [=](i64 s, i64 u) { return widen<A>(z[u * r + s]); },

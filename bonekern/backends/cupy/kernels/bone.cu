@@ -17,10 +17,7 @@ __device__ __forceinline__ void bone_add_adapter(T* __restrict__ y, const A* __r
     BK_CHECK(blockDim.x == TileT::kThreads && blockDim.y == 1 && blockDim.z == 1);
     const TileIndex t = tile_index<TileT>(m_size, n_size);
     A acc[TileT::TM][TileT::TN];
-#pragma unroll
-    for (int i = 0; i < TileT::TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
+    zero_tile<TileT>(acc);
     tile_gemm<TileT, A, false>(
         acc, t.m0, t.n0, m_size, n_size, 0, r, [=](i64 m, i64 k) { return s[m * r + k]; },
         [=](i64 k, i64 n) { return d[k * cols + (n < cols ? n : n % cols)]; });

@@ -36,6 +36,15 @@ __device__ __forceinline__ int tile_col(int j) {
     return static_cast<int>(threadIdx.x) % TileT::kThreadsN + j * TileT::kThreadsN;
 }
 
+// acc = 0: the start of every tile product (tile_gemm accumulates into acc).
+template <class TileT, typename A>
+__device__ __forceinline__ void zero_tile(A (&acc)[TileT::TM][TileT::TN]) {
+#pragma unroll
+    for (int i = 0; i < TileT::TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TileT::TN; ++j) acc[i][j] = A(0);
+}
+
 // acc[i][j] += sum over k in [k_begin, k_end) of load_a(m, k) * load_b(k, n) for this thread's outputs of the tile at
 // (m0, n0), with m < m_size and n < n_size. load_a / load_b are called only for in-range indices.
 // kAContiguousInM: true when consecutive m of operand A are adjacent in memory (A stored transposed), so the
