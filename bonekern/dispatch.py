@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import tuning
-from .backends import Backend, Config, OpProblem, check_backend_name, get_backend
+from .backends import Backend, OpProblem, check_backend_name, get_backend
 from .errors import BackendUnavailableError
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -43,8 +43,9 @@ def auto_candidates(device: torch.device) -> list[Backend]:
     return [b for b in map(get_backend, order) if b.unavailable_reason(device) is None]
 
 
-def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None) -> tuple[Backend, Config]:
-    """The backend and config for ``problem``; ``requested`` is "auto" or a backend name.
+def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None) -> tuple[Backend, Any]:
+    """The backend and its prepared config (:meth:`Backend.prepare_config`) for ``problem``; ``requested`` is
+    "auto" or a backend name.
 
     ``args`` are the call's tensors (and flags) as the backend method takes them, without the config; with them
     the tuner can time candidates on the real inputs when nothing is tuned yet.

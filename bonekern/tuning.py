@@ -42,7 +42,7 @@ from autotune.presets import LayerShape
 from autotune.provider import Job
 from autotune.tuner import Runner, structurally_accepted
 
-from .backends import Backend, Config, OpProblem, get_backend
+from .backends import Backend, OpProblem, get_backend
 from .backends.pytorch import group_sum
 from .validation import delta_dtype
 from .variants import VARIANTS, make_spec
@@ -279,18 +279,21 @@ def search_space(problem: OpProblem, scope: str, backends: Sequence[Backend], gr
     return space
 
 
-def runner_for(op: str, args: Sequence[Any]) -> Runner:
-    """``runner(candidate)``: a function that runs ``op`` with ``args`` on the candidate's backend and config."""
+def runner_for(problem: OpProblem, args: Sequence[Any]) -> Runner:
+    """``runner(candidate)``: a function that runs ``problem.op`` with ``args`` on the candidate's backend and
+    config (the config prepared once, when the runner is made, as dispatch prepares a chosen one)."""
 
     def run(candidate: Candidate):
-        fn = getattr(get_backend(candidate.backend), op)
-        config = dict(candidate.config)
-        return lambda: fn(*args, dict(config))
+        backend = get_backend(candidate.backend)
+        fn = getattr(backend, problem.op)
+        prepared = backend.prepare_config(problem, dict(candidate.config))
+        return lambda: fn(*args, prepared)
 
     return run
 
 
-_memo: dict[tuple, tuple[str, Config]] = {}
+_memo: dict[tuple, tuple[Backend, Any]] = {}
+"""memo key -> (backend, prepared config): what :func:`choose` decided, reused by every later call."""
 _memo_lock = threading.Lock()
 
 
@@ -303,19 +306,17 @@ def memo_key(problem: OpProblem, scope: str, args: Sequence[Any] | None) -> tupl
     return (problem, scope, grads, env, threads)
 
 
-def remembered(key: tuple) -> tuple[Backend, Config] | None:
-    """The decision made earlier in this process for ``key`` (see :func:`memo_key`), or None."""
-    hit = _memo.get(key)
-    if hit is None:
-        return None
-    name, config = hit
-    return get_backend(name), dict(config)
+def remembered(key: tuple) -> tuple[Backend, Any] | None:
+    """The decision made earlier in this process for ``key`` (see :func:`memo_key`): the backend and its prepared
+    config (:meth:`Backend.prepare_config`), or None."""
+    return _memo.get(key)
 
 
 def choose(
     problem: OpProblem, scope: str, backends: Sequence[Backend], args: Sequence[Any] | None = None
-) -> tuple[Backend, Config]:
-    """The backend and config for one call, remembered for the rest of the process per :func:`memo_key`.
+) -> tuple[Backend, Any]:
+    """The backend and its prepared config for one call, remembered for the rest of the process per
+    :func:`memo_key`.
 
     Defaults are remembered too: a process picks up cache entries written by another process (e.g.
     ``python -m autotune tune``) when it restarts, or after :func:`forget_choices`.
@@ -325,10 +326,12 @@ def choose(
     if hit is not None:
         return hit
     space = search_space(problem, scope, backends, key[2])
-    decision = TUNER.choose(space, runner_for(problem.op, args) if args is not None else None)
+    decision = TUNER.choose(space, runner_for(problem, args) if args is not None else None)
+    backend = get_backend(decision.candidate.backend)
+    prepared = backend.prepare_config(problem, dict(decision.candidate.config))
     with _memo_lock:
-        _memo[key] = (decision.candidate.backend, dict(decision.candidate.config))
-    return get_backend(decision.candidate.backend), dict(decision.candidate.config)
+        _memo[key] = (backend, prepared)
+    return backend, prepared
 
 
 def forget_choices() -> None:
@@ -456,7 +459,7 @@ class BonekernProvider:
 
 
 def _synthetic_runner(problem: OpProblem) -> Runner:
-    return runner_for(problem.op, synthetic_args(problem))
+    return runner_for(problem, synthetic_args(problem))
 
 
 def autotune_provider() -> BonekernProvider:

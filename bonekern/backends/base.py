@@ -9,8 +9,12 @@ What autograd keeps between forward and backward is fixed here, the same for eve
 bone family, x for bat; never W' or any other weight-sized temporary. Weight gradients (rare: the weight is
 normally frozen) are computed by :mod:`bonekern.ops` with plain GEMMs, not by backends.
 
-Every function receives ``config``: a JSON-serialisable dict chosen by the dispatcher (from the autotuner or
-from :meth:`Backend.default_config`); a backend must accept every dict its :meth:`Backend.configs` yields.
+Configs: the dispatcher chooses a JSON-serialisable dict per problem (from the autotuner or from
+:meth:`Backend.default_config`) and hands it ONCE to :meth:`Backend.prepare_config`, which validates it and returns
+whatever the op methods take (a typed, immutable object; by default the dict itself). The prepared config is
+remembered with the decision and passed to every later call of the same problem, so no op method re-validates
+or re-parses a config per launch; op methods must not mutate it. A backend must accept every dict its
+:meth:`Backend.configs` yields.
 """
 
 from __future__ import annotations
@@ -85,13 +89,21 @@ class Backend:
         """Every candidate config the autotuner may time for ``problem`` (the default included)."""
         return [self.default_config(problem)]
 
+    def prepare_config(self, problem: OpProblem, config: Config) -> Any:
+        """Validate ``config`` (a JSON dict) for ``problem`` once and return what the op methods take.
+
+        Called once per decision (and once per candidate while tuning), never per launch. Raises ValueError or
+        TypeError naming the bad entry. The default returns the dict unchanged.
+        """
+        return config
+
     def bone_forward(
         self,
         x: torch.Tensor,
         weight: torch.Tensor,
         block: torch.Tensor,
         bias: torch.Tensor | None,
-        config: Config,
+        config: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """y = x W^T + b + S D and S (M, r), the group sums kept for backward."""
         raise NotImplementedError
@@ -104,7 +116,7 @@ class Backend:
         block: torch.Tensor,
         need_dx: bool,
         need_dblock: bool,
-        config: Config,
+        config: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """dx = dY W + (dY D^T)[:, k % r] and dblock = S^T dY folded to (r, C); None where not needed."""
         raise NotImplementedError
@@ -115,7 +127,7 @@ class Backend:
         weight: torch.Tensor,
         block: torch.Tensor,
         bias: torch.Tensor | None,
-        config: Config,
+        config: Any,
     ) -> torch.Tensor:
         """y = x W'^T + b with W'_ij = W_ij (I + B_i) + B_i; W' must not outlive the call."""
         raise NotImplementedError
@@ -128,7 +140,7 @@ class Backend:
         block: torch.Tensor,
         need_dx: bool,
         need_dblock: bool,
-        config: Config,
+        config: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """dx = dY W' and dB_i = sum_j (W_ij + I)^T G_ij with G = dY^T x; None where not needed."""
         raise NotImplementedError
