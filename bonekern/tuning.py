@@ -424,7 +424,7 @@ class BonekernProvider:
                         try:
                             spec = make_spec(variant, shape.n, shape.k, r, mini_r)
                         except ValueError as exc:
-                            notes.append(f"skipped {shape.label} ({shape.n}x{shape.k}) for {variant} r={r}: {exc}")
+                            notes.append(f"skipped {shape.name} ({shape.n}x{shape.k}) for {variant} r={r}: {exc}")
                             continue
                         family = "bat" if variant == "bat" else "bone"
                         for m in tokens:
@@ -435,7 +435,7 @@ class BonekernProvider:
                                 )
                                 space = search_space(problem, args.backend, backends, needed_grads(op, None))
                                 eid = space.key.entry_id
-                                labels.setdefault(eid, []).append(shape.layer)
+                                labels.setdefault(eid, []).append("/".join(shape.layers))
                                 if eid not in jobs:
                                     jobs[eid] = Job(space, functools.partial(_synthetic_runner, problem))
         for eid, job in jobs.items():
