@@ -147,7 +147,7 @@ INSTALLED_CHECK = textwrap.dedent(
             assert tuning.shipped_profile(entry.key).name == name
             entries += 1
     assert tuning.backend_source_hash("torch") == source_hash  # the hash does not depend on where files live
-    assert type(load_provider()).__module__ == "bonekern.tuning"  # through the installed entry point
+    assert type(load_provider()).__module__ == "bonekern.autotune_provider"  # through the installed entry point
     print(json.dumps({"profiles": found, "entries": entries}))
     """
 )

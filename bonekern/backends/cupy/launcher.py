@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import availability_changed
 from .sources import load_source
 
 KernelArg = torch.Tensor | int
@@ -176,10 +177,8 @@ def install_launcher(device_type: str, launcher: Launcher | None) -> Launcher | 
 
     The test suite installs the host-shim launcher for "cpu" so the backend's kernels run on CPU tensors.
     """
-    from ... import tuning
-
     previous = _LAUNCHERS.pop(device_type, None)
     if launcher is not None:
         _LAUNCHERS[device_type] = launcher
-    tuning.forget_choices()  # availability changed: decisions remembered per process are stale
+    availability_changed()  # decisions remembered per process (bonekern.dispatch) are stale now
     return previous
