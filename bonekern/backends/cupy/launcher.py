@@ -2,7 +2,7 @@
 
 The host code (:mod:`.kernels`) computes a launch -- source file, kernel name, grid, block, arguments -- and hands it
 to the :class:`Launcher` registered for the tensors' device type. On CUDA that is :class:`CupyLauncher`: each ``.cu``
-file is compiled by :func:`.compile.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
+file is compiled by :func:`.nvrtc.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
 the cubin is also cached on disk, keyed by source, options, NVRTC version and architecture), loaded per device with
 ``cupy.RawModule(path=...)``, and its kernels run on torch's current stream with the tensors' own device pointers
 (zero-copy; nothing is converted to CuPy arrays).
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import availability_changed
+from .nvrtc import NVRTC_OPTIONS, nvrtc_compile
 from .sources import load_source
 
 KernelArg = torch.Tensor | int
@@ -80,8 +81,6 @@ class CupyLauncher(Launcher):
         path = self._cubins.get((source, arch))
         if path is None:
             from cupy_backends.cuda.libs import nvrtc
-
-            from .compile import NVRTC_OPTIONS, nvrtc_compile  # imported here: `python -m ...compile` stays clean
 
             key = f"{load_source(source)}\0{NVRTC_OPTIONS}\0{nvrtc.getVersion()}\0{arch}"
             digest = hashlib.sha256(key.encode()).hexdigest()[:24]
