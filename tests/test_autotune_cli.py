@@ -48,7 +48,8 @@ def test_tune_show_export_clear(cli_env):
     assert set(rows) == {"bat_forward[auto", "bat_backward[auto", "bone_forward[auto", "bone_backward[auto"}
     assert " tuned " in rows["bat_forward[auto"] and " tuned " in rows["bat_backward[auto"]
     assert "only candidate" in rows["bone_forward[auto"]
-    assert "bat_backward[auto]" in err and "14/14 done" in err  # the progress bar went through the candidates
+    # the progress bar (tqdm; drawn at every step when not on a terminal) went through all 14 candidates
+    assert "bat_backward[auto]" in err and "| 14/14 [" in err and err.rstrip().splitlines()[-1].startswith("done: 100%")
 
     cache = cli_env / "cache" / CACHE_FILE_NAME
     table, problem = parse_table(cache.read_text())
@@ -103,6 +104,15 @@ def test_shape_is_n_by_k_like_the_bench():
         shape = _parse_shape(text)
         assert (shape.n, shape.k, shape.name) == (11008, 4096, "shape.11008x4096")
         assert (bench_shape(text).n, bench_shape(text).k) == (11008, 4096)
+
+
+def test_tune_without_tqdm_says_which_extra(cli_env, monkeypatch):
+    import autotune.cli
+
+    real = autotune.cli.importlib.util.find_spec
+    monkeypatch.setattr(autotune.cli.importlib.util, "find_spec", lambda n, *a: None if n == "tqdm" else real(n, *a))
+    code, _, err = run("tune", "--shape", "32x16")
+    assert code == 2 and "pip install 'bonekern[autotune]'" in err
 
 
 def test_presets_match_the_model_configs():

@@ -136,11 +136,12 @@ class _StreamHandle:
 
 @functools.cache
 def _cache_dir() -> Path:
-    """Where compiled cubins are kept: $BONEKERN_CACHE_DIR, else ~/.cache/bonekern/cuda (a private temporary
-    directory when neither is writable)."""
+    """Where compiled cubins are kept: $BONEKERN_CACHE_DIR, else ``cuda/`` in the user cache directory (platformdirs:
+    ~/.cache/bonekern/cuda on Linux), a private temporary directory when neither is writable."""
+    import platformdirs
+
     chosen = os.environ.get("BONEKERN_CACHE_DIR")
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    directory = Path(chosen) if chosen else Path(cache_home) / "bonekern" / "cuda"
+    directory = Path(chosen) if chosen else Path(platformdirs.user_cache_dir("bonekern", appauthor=False)) / "cuda"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".probe.{os.getpid()}"
