@@ -2,7 +2,8 @@
 
 It knows nothing about any kernel library: a library describes each problem as a :class:`SearchSpace`
 (a :class:`TuningKey`, candidates = backend x config, the default) and how to run a candidate, and registers a
-provider for the CLI (:mod:`autotune.provider`). bonekern's glue is ``bonekern/tuning.py``.
+provider for the CLI (:mod:`autotune.provider`). bonekern's glue is ``bonekern/tuning.py``
+(keys and search spaces) and ``bonekern/autotune_provider.py`` (the CLI provider).
 
 Modules: :mod:`~autotune.keys` (keys, M buckets, source hashes), :mod:`~autotune.entries` (records),
 :mod:`~autotune.store` (tables, the file format, the locked atomic cache file), :mod:`~autotune.settings`

@@ -3,7 +3,7 @@
 ::
 
     python -m autotune tune --model Llama-3-8B --dtype bfloat16 --tokens 2048 4096   # tune on this machine
-    python -m autotune tune --shape 4096,4096 --variant bat --r 64 --tokens 512
+    python -m autotune tune --shape 11008x4096 --variant bat --r 64 --tokens 512   # N x K (out x in)
     python -m autotune show                     # the user cache as a table
     python -m autotune export --out-dir profiles  # write profiles/<device>.json from the user cache
     python -m autotune clear [--stale]
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,40 +23,35 @@ from typing import TextIO
 
 from .entries import Entry
 from .keys import profile_name
-from .presets import MODELS, LayerShape, find_model, layer_shapes
+from .presets import MODELS, SHAPE_HELP, LayerShape, find_model, layer_shapes, parse_shape
 from .provider import DEFAULT_PROVIDER, Provider, load_provider
 from .store import Table, atomic_write_text, dump_table, parse_table, read_table
 from .timing import CpuTimer
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one line per step elsewhere (logs, CI)."""
+    """tune's progress over every candidate of every job (tqdm): redrawn in place, at most 10 times a second, on
+    a terminal; elsewhere (logs, CI) drawn at every step, so each candidate's label is recorded."""
 
-    def __init__(self, total: int, stream: TextIO, width: int = 30):
-        self.total = max(total, 1)
-        self.done = 0
-        self.stream = stream
-        self.width = width
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream: TextIO):
+        from tqdm import tqdm  # imported here: only `tune` needs it (the `autotune` extra)
+
+        tty = stream.isatty()
+        self.bar = tqdm(
+            total=total, file=stream, unit="candidate", dynamic_ncols=tty, mininterval=0.1 if tty else 0, ascii=not tty
+        )
 
     def step(self, label: str) -> None:
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {label}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line[:200])
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.done += 1
+        """One candidate (or job) done; ``label`` says which."""
+        self.bar.set_description_str(label, refresh=False)
+        self.bar.update()
 
     def close(self) -> None:
-        self.done = self.total
-        self.step("done")
-        if self.tty:
-            self.stream.write("\n")
+        self.bar.set_description_str("done", refresh=False)
+        self.bar.close()
 
 
+# Hand-written, not tabulate or rich: 8 lines vs a new dependency (rich.table alone imports in ~20 ms here).
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with left-aligned columns."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
@@ -88,22 +84,25 @@ def _is_stale(provider: Provider, entry: Entry) -> bool | None:
 
 
 def _parse_shape(text: str) -> LayerShape:
-    parts = text.lower().replace("x", ",").split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"--shape takes N,K (out_features,in_features), e.g. 4096,11008; got {text!r}")
-    n, k = (int(p) for p in parts)
-    return LayerShape("shape", f"{n}x{k}", n, k)
+    try:
+        n, k = parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return LayerShape("shape", (f"{n}x{k}",), n, k)
 
 
 def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     tuner = provider.tuner()
     settings = tuner.settings()
+    if importlib.util.find_spec("tqdm") is None:
+        err.write("error: `python -m autotune tune` needs tqdm (its progress bar): pip install 'bonekern[autotune]'\n")
+        return 2
     if settings.interpreter:
         err.write("error: TRITON_INTERPRET=1 is set; timings under the Triton interpreter mean nothing. Unset it.\n")
         return 2
     shapes: list[LayerShape] = []
     for model in args.model or []:
-        shapes += [s for s in layer_shapes(model) if not args.layers or s.layer in args.layers]
+        shapes += [s for s in layer_shapes(model) if not args.layers or set(s.layers) & set(args.layers)]
     shapes += args.shape or []
     if not shapes:
         err.write("error: give --model and/or --shape\n")
@@ -247,7 +246,7 @@ def cmd_clear(provider: Provider, args: argparse.Namespace, out: TextIO, err: Te
 
 
 def cmd_presets(provider: Provider | None, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    rows = [[name, s.layer, s.n, s.k] for name in MODELS for s in layer_shapes(name)]
+    rows = [[name, "/".join(s.layers), s.n, s.k] for name in MODELS for s in layer_shapes(name)]
     out.write(format_table(["model", "layer", "N (out)", "K (in)"], rows) + "\n")
     return 0
 
@@ -277,7 +276,7 @@ def build_parser(provider_hook: Provider | None = None) -> argparse.ArgumentPars
     tune = sub.add_parser("tune", parents=[common], help="time candidates for model presets or shapes, fill the cache")
     tune.add_argument("--model", nargs="+", type=_model, help=f"model presets: {', '.join(MODELS)}")
     tune.add_argument("--layers", nargs="+", help="only these preset layers (q k v o gate up down)")
-    tune.add_argument("--shape", nargs="+", type=_parse_shape, help="explicit N,K weight shapes (out,in)")
+    tune.add_argument("--shape", nargs="+", type=_parse_shape, help=f"explicit weight shapes: {SHAPE_HELP}")
     tune.add_argument("--tokens", nargs="+", type=int, default=[2048], help="M values to tune (default: 2048)")
     tune.add_argument("--dtype", nargs="+", help="dtypes (default: bfloat16 on a GPU, float32 on the CPU)")
     tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")

@@ -2,7 +2,8 @@
 (the one place these model dimensions are written).
 
 Each preset is the attention and MLP projections of one decoder layer, written as (N = out_features,
-K = in_features) like ``nn.Linear.weight``, derived from the model's HuggingFace ``config.json``:
+K = in_features) like ``nn.Linear.weight`` (:class:`LayerShape`, the shape record of both CLIs), derived from
+the model's HuggingFace ``config.json``:
 q (heads * head_dim, hidden), k and v (kv_heads * head_dim, hidden), o (hidden, heads * head_dim),
 gate and up (intermediate, hidden), down (hidden, intermediate); head_dim = hidden / heads.
 """
@@ -46,16 +47,26 @@ LAYERS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One linear layer to tune: where it comes from, and its weight shape (N, K)."""
+    """One linear-layer shape to tune or measure: the weight is (N, K) = (out_features, in_features), the order
+    of ``nn.Linear.weight.shape``; with or without a bias.
+
+    Attributes:
+        source: where it comes from: a model preset, or what the user typed it into (``--shape``).
+        layers: the layer names it stands for (one, or several projections with the same shape).
+        n: out_features; k: in_features.
+        bias: the layer carries a bias.
+    """
 
     source: str
-    layer: str
+    layers: tuple[str, ...]
     n: int
     k: int
+    bias: bool = False
 
     @property
-    def label(self) -> str:
-        return f"{self.source}.{self.layer}"
+    def name(self) -> str:
+        """``source.layer`` (``Llama-3-8B.q``), the layers joined by ``/`` when there are several."""
+        return f"{self.source}.{'/'.join(self.layers)}"
 
 
 def layer_shapes(model: str) -> list[LayerShape]:
@@ -73,7 +84,23 @@ def layer_shapes(model: str) -> list[LayerShape]:
         "up": (c.intermediate_size, c.hidden_size),
         "down": (c.hidden_size, c.intermediate_size),
     }
-    return [LayerShape(name, layer, *shapes[layer]) for layer in LAYERS]
+    return [
+        LayerShape(name, (layer,), *shapes[layer], bias=c.attention_bias and layer in ("q", "k", "v"))
+        for layer in LAYERS
+    ]
+
+
+SHAPE_HELP = "NxK = out_features x in_features, the order of nn.Linear.weight.shape (',' works too), e.g. 11008x4096"
+"""How both CLIs describe ``--shape``."""
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """(N, K) from ``NxK`` or ``N,K`` (out_features x in_features); ValueError naming ``--shape`` otherwise."""
+    parts = text.strip().lower().replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--shape takes {SHAPE_HELP}; got {text!r}")
+    n, k = (int(p) for p in parts)
+    return n, k
 
 
 def find_model(model: str) -> str:

@@ -1,8 +1,9 @@
 """The provider hook: how ``python -m autotune`` finds the ops to tune without importing any kernel library.
 
 A provider is an object with the attributes of :class:`Provider`. Packages register one under the entry-point
-group ``autotune.providers`` (bonekern: ``bonekern = "bonekern.tuning:autotune_provider"``), or a module may be
-named directly with ``--provider some.module``; the module must define ``autotune_provider()`` returning it.
+group ``autotune.providers`` (bonekern: ``bonekern = "bonekern.autotune_provider:autotune_provider"``), or a
+module may be named directly with ``--provider some.module``; the module must define ``autotune_provider()``
+returning it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .tuner import Runner, SearchSpace, Tuner
 ENTRY_POINT_GROUP = "autotune.providers"
 DEFAULT_PROVIDER = "bonekern"
 """Entry-point name used when ``--provider`` is not given."""
-FALLBACK_MODULES: dict[str, str] = {"bonekern": "bonekern.tuning"}
+FALLBACK_MODULES: dict[str, str] = {"bonekern": "bonekern.autotune_provider"}
 """Where a provider lives when its entry point is not registered (a source checkout that was never installed)."""
 
 

@@ -6,7 +6,8 @@
                                    time; ``force``: retune every problem once per process, ignoring hits.
 ``<P>_AUTOTUNE_LOG``               ``1``: log every choice and the layer it came from to stderr.
 ``<P>_CACHE_DIR``                  directory of the user cache (``autotune.json``); default: the user cache
-                                   directory (``$XDG_CACHE_HOME/<app>``, ``~/.cache/<app>``, ...).
+                                   directory from platformdirs (``$XDG_CACHE_HOME/<app>`` when that is an
+                                   absolute path, else ``~/.cache/<app>`` on Linux).
 ``<P>_AUTOTUNE_PROFILE``           a profile file consulted before the user cache (e.g. one made by
                                    ``python -m autotune export`` on another machine).
 ``TRITON_INTERPRET``               ``1``: kernels run in the Triton interpreter; timing is meaningless, so the
@@ -20,9 +21,10 @@ while a process runs.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import platformdirs
 
 MODES: dict[str, str] = {
     "0": "off",
@@ -42,14 +44,8 @@ CACHE_FILE_NAME = "autotune.json"
 
 
 def user_cache_dir(app: str) -> Path:
-    """The per-user cache directory for ``app``, following each platform's convention (XDG on Linux)."""
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base) / app / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / app
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / app
+    """The per-user cache directory for ``app``, by each platform's convention (platformdirs; XDG on Linux)."""
+    return Path(platformdirs.user_cache_dir(app, appauthor=False))
 
 
 def _flag(value: str | None) -> bool:

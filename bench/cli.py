@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from autotune.presets import SHAPE_HELP
 from bonekern.variants import VARIANTS
 
 from . import compare as compare_mod
@@ -86,7 +87,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--suite", choices=tuple(SUITES), default="quick", help="preset (default quick); see --list")
     p.add_argument("--list", action="store_true", help="print every suite's description and shapes, then exit")
-    p.add_argument("--shape", type=_shape, action="append", help="custom KxN or KxN+bias (replaces the suite's)")
+    p.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        help=f"custom weight shape, {SHAPE_HELP}; NxK+bias adds a bias (replaces the suite's shapes)",
+    )
     p.add_argument("--variants", type=_names("--variants", VARIANTS), help=f"comma-separated from {VARIANTS}")
     p.add_argument(
         "--impls",
@@ -167,9 +173,7 @@ def list_suites() -> list[str]:
     for suite in SUITES.values():
         tokens = ", ".join(f"{m} on {d}" for d, m in suite.tokens.items())
         lines += [f"{suite.name}: {suite.description}", f"  tokens: {tokens}; r = {suite.r}"]
-        lines += [
-            f"  {s.name}: in {s.in_features}, out {s.out_features}{', bias' if s.bias else ''}" for s in suite.shapes
-        ]
+        lines += [f"  {s.name}: in {s.k}, out {s.n}{', bias' if s.bias else ''}" for s in suite.shapes]
     return lines
 
 

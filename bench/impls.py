@@ -112,10 +112,10 @@ class CaseTensors:
         def rand(*shape: int, scale: float, dtype: torch.dtype = case.dtype) -> torch.Tensor:
             return (torch.randn(*shape, generator=g) * scale).to(device=case.device, dtype=dtype)
 
-        x = rand(case.tokens, s.in_features, scale=1.0).requires_grad_()
-        weight = rand(s.out_features, s.in_features, scale=s.in_features**-0.5)
-        bias = rand(s.out_features, scale=0.1) if s.bias else None
-        dy = rand(case.tokens, s.out_features, scale=1.0)
+        x = rand(case.tokens, s.k, scale=1.0).requires_grad_()
+        weight = rand(s.n, s.k, scale=s.k**-0.5)
+        bias = rand(s.n, scale=0.1) if s.bias else None
+        dy = rand(case.tokens, s.n, scale=1.0)
         # a trained-looking block: small but non-zero, so no implementation can shortcut a zero block
         block_init = rand(*spec.block_shape, scale=0.02, dtype=adapter_dtype(case.dtype))
         return CaseTensors(x, weight, bias, dy, block_init)

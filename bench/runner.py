@@ -55,11 +55,11 @@ def _case_fields(case: Case) -> dict[str, Any]:
     s = case.shape
     return {
         "case_id": case.case_id,
-        "model": s.model,
+        "model": s.source,
         "layers": "/".join(s.layers),
         "tokens": case.tokens,
-        "in_features": s.in_features,
-        "out_features": s.out_features,
+        "in_features": s.k,
+        "out_features": s.n,
         "bias": s.bias,
         "variant": case.variant,
         "r": case.r,
@@ -149,13 +149,13 @@ def _measure_impl(
     c = cost(
         impl.method,
         case.tokens,
-        s.out_features,
-        s.in_features,
+        s.n,
+        s.k,
         bias=s.bias,
         act_bytes=case.dtype.itemsize,
         adapter_bytes=impls_mod.adapter_dtype(case.dtype).itemsize,
         r=case.r,
-        cols=(case.mini_r if impl.method == "mini" else s.out_features),
+        cols=(case.mini_r if impl.method == "mini" else s.n),
         lora_rank=impl.lora_rank or 0,
     )
     record: dict[str, Any] = {
@@ -231,9 +231,7 @@ def run_case(
 ) -> list[dict[str, Any]]:
     """Measure ``impl_names`` on ``case``; one record per name, in that order."""
     try:
-        spec: AdapterSpec = make_spec(
-            case.variant, case.shape.out_features, case.shape.in_features, case.r, case.mini_r
-        )
+        spec: AdapterSpec = make_spec(case.variant, case.shape.n, case.shape.k, case.r, case.mini_r)
     except ValueError as e:
         return [not_run(case, name, f"the case is invalid: {e}") for name in impl_names]
     tensors = impls_mod.CaseTensors.make(case, spec)

@@ -1,10 +1,10 @@
 """What the bench measures: layer shapes of real models, grouped into presets (``--suite``), and the cases built
 from them.
 
-Model dimensions live in :mod:`autotune.presets` (copied from each model's Hugging Face ``config.json``); the
-projection shapes are derived from them in :func:`projections`, so each fact is written once. Projections with
-the same (in, out, bias) are one problem and are measured once, labelled with every projection name they stand
-for (e.g. ``q_proj/o_proj``).
+Model dimensions and their projection shapes live in :mod:`autotune.presets` (copied from each model's Hugging
+Face ``config.json``), as does :class:`~autotune.presets.LayerShape`, the shape record both CLIs share, so each
+fact is written once. Projections with the same (out, in, bias) are one problem and are measured once, labelled
+with every projection name they stand for (e.g. ``q_proj/o_proj``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autotune.presets import MODELS, layer_shapes
+from autotune.presets import MODELS, LayerShape, layer_shapes
+from autotune.presets import parse_shape as parse_weight_shape
 
 SUITE_MODELS: dict[str, str] = {
     "llama2-7b": "Llama-2-7B",
@@ -24,31 +25,13 @@ SUITE_MODELS: dict[str, str] = {
 """Bench model names -> the model presets of :mod:`autotune.presets`, where the dimensions are written."""
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """One linear-layer problem: W is (out_features, in_features) = (N, K), with or without a bias."""
-
-    model: str
-    layers: tuple[str, ...]
-    in_features: int
-    out_features: int
-    bias: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}.{'/'.join(self.layers)}"
-
-
 def projections(model: str) -> list[LayerShape]:
     """The 7 projections of one decoder layer of ``model``, identical shapes merged, in q, k, v, o, gate, up,
     down order."""
-    preset = SUITE_MODELS[model]
-    config = MODELS[preset]
     groups: dict[tuple[int, int, bool], list[str]] = {}
-    for shape in layer_shapes(preset):
-        bias = config.attention_bias and shape.layer in ("q", "k", "v")
-        groups.setdefault((shape.k, shape.n, bias), []).append(f"{shape.layer}_proj")
-    return [LayerShape(model, tuple(layers), k, n, bias) for (k, n, bias), layers in groups.items()]
+    for shape in layer_shapes(SUITE_MODELS[model]):
+        groups.setdefault((shape.n, shape.k, shape.bias), []).append(f"{shape.layers[0]}_proj")
+    return [LayerShape(model, tuple(layers), n, k, bias) for (n, k, bias), layers in groups.items()]
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ _TINY = {s.layers[0]: s for s in projections("tinyllama-1.1b")}
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         "quick",
-        "two TinyLlama-1.1B shapes (q_proj/o_proj 2048x2048, gate_proj/up_proj 2048->5632); "
+        "two TinyLlama-1.1B shapes (W of q_proj/o_proj 2048x2048, gate_proj/up_proj 5632x2048); "
         "512 tokens on CPU, 8192 on a GPU",
         (_TINY["q_proj"], _TINY["gate_proj"]),
         tokens={"cpu": 512, "cuda": 8192},
@@ -96,7 +79,7 @@ SUITES: dict[str, Suite] = {
     "qwen2.5-7b": _model_suite("qwen2.5-7b"),
     "acceptance": Suite(
         "acceptance",
-        "the foundation's acceptance problem (DESIGN.md section 2): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
+        "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
         "bone and bat, bonekern torch vs PEFT vs the frozen linear layer",
         (LayerShape("acceptance", ("square",), 4096, 4096, False),),
         tokens={"cpu": 2048, "cuda": 2048},
@@ -109,15 +92,12 @@ SUITES: dict[str, Suite] = {
 
 
 def parse_shape(text: str) -> LayerShape:
-    """``KxN`` or ``KxN+bias`` (in_features x out_features) -> a custom :class:`LayerShape`."""
+    """``NxK`` or ``NxK+bias`` (out_features x in_features, ``,`` works too) -> a custom :class:`LayerShape`."""
     body, plus, suffix = text.partition("+")
     if plus and suffix != "bias":
-        raise ValueError(f"--shape must be KxN or KxN+bias (in_features x out_features); got {text!r}")
-    parts = body.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--shape must be KxN or KxN+bias with positive integers; got {text!r}")
-    k, n = (int(p) for p in parts)
-    return LayerShape("custom", (f"{k}x{n}",), k, n, bool(plus))
+        raise ValueError(f"--shape takes NxK or NxK+bias; got {text!r}")
+    n, k = parse_weight_shape(body)
+    return LayerShape("custom", (f"{n}x{k}",), n, k, bool(plus))
 
 
 @dataclass(frozen=True)

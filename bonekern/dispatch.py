@@ -1,21 +1,30 @@
-"""Which backend and config run one call.
+"""Which backend and config run one call: the one place a call's backend is decided.
 
 ``backend="auto"`` may use every available backend in :data:`AUTO_ORDER` for the device type; a named backend
 must be available or the call fails with :class:`BackendUnavailableError` saying why. Among those, the
-autotuner (:mod:`bonekern.tuning`) picks the backend and config: from a profile, the user cache, a shipped
-profile, by timing the candidates on the call's real tensors, or -- when nothing is tuned or
-``BONEKERN_AUTOTUNE=0`` -- the first backend's ``default_config(problem)``.
+autotuner (:func:`bonekern.tuning.choose`) picks the backend and config: from a profile, the user cache, a
+shipped profile, by timing the candidates on the call's real tensors, or -- when nothing is tuned or
+``BONEKERN_AUTOTUNE=0`` -- the first backend's ``default_config(problem)``. The chosen config is handed once to
+:meth:`Backend.prepare_config`, and the (backend, prepared config) pair is remembered for the rest of the
+process, so a later call of the same problem costs one dictionary lookup.
+
+Direction: dispatch -> :mod:`bonekern.tuning` -> :mod:`autotune`. Nothing below dispatch imports it: tuning is
+given the backends to consider, and a backend whose availability changes at run time (a test registering a
+kernel launcher) says so through :func:`bonekern.backends.availability_changed`, which retires every remembered
+decision.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from . import tuning
-from .backends import Backend, OpProblem, check_backend_name, get_backend
+from .backends import Backend, OpProblem, availability_generation, check_backend_name, get_backend
 from .errors import BackendUnavailableError
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -26,6 +35,16 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 DEFAULT_ORDER: tuple[str, ...] = ("torch",)
 """Any other device type (the CPU included) uses the torch backend: on the CPU the Triton interpreter and the
 CuPy host shim are test tools, never picked automatically."""
+
+MEMO_ENV: tuple[str, ...] = (
+    f"{tuning.ENV_PREFIX}_AUTOTUNE",
+    f"{tuning.ENV_PREFIX}_AUTOTUNE_LOG",
+    f"{tuning.ENV_PREFIX}_CACHE_DIR",
+    f"{tuning.ENV_PREFIX}_AUTOTUNE_PROFILE",
+    "TRITON_INTERPRET",
+    "XDG_CACHE_HOME",
+)
+"""The environment variables a decision depends on (part of the memo key, so changing one takes effect)."""
 
 
 def require_available(name: str, device: torch.device) -> Backend:
@@ -43,18 +62,67 @@ def auto_candidates(device: torch.device) -> list[Backend]:
     return [b for b in map(get_backend, order) if b.unavailable_reason(device) is None]
 
 
+def scope_members(scope: str, device_type: str) -> tuple[str, ...]:
+    """The backends a tuning scope ("auto" or a backend name) stands for, whose sources its keys hash: for "auto"
+    the whole auto order of the device type (available or not, so a key does not depend on what is installed:
+    that is in the versions), else the one named."""
+    return AUTO_ORDER.get(device_type, DEFAULT_ORDER) if scope == "auto" else (scope,)
+
+
+def candidates_for(scope: str, device: torch.device) -> list[Backend]:
+    """The backends a call with ``backend=scope`` may run on: the available ones of the auto order, or the one
+    named (BackendUnavailableError when it cannot run on ``device``)."""
+    return auto_candidates(device) if scope == "auto" else [require_available(scope, device)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The per-process memo.
+# ------------------------------------------------------------------------------------------------------------
+
+_memo: dict[tuple, tuple[Backend, Any]] = {}
+"""memo key -> (backend, prepared config): what :func:`select` decided, reused by every later call."""
+_memo_lock = threading.Lock()
+_memo_generation = availability_generation()
+"""The backends' availability generation the memo's entries were decided under."""
+
+
+def memo_key(problem: OpProblem, scope: str, args: Sequence[Any] | None) -> tuple:
+    """What a decision depends on besides the cache files: the problem, the scope ("auto" or a backend name),
+    the gradients a backward call needs, the tuner's environment variables, the CPU thread count and the
+    backends' availability generation."""
+    grads = tuning.needed_grads(problem.op, args)
+    env = tuple(map(os.environ.get, MEMO_ENV))
+    threads = torch.get_num_threads() if problem.device.type == "cpu" else 0
+    return (problem, scope, grads, env, threads, availability_generation())
+
+
+def forget_choices() -> None:
+    """Drop every remembered decision (tests; after editing the cache by hand). The next call of each problem
+    asks the tuner again, so it picks up cache entries another process (``python -m autotune tune``) wrote."""
+    with _memo_lock:
+        _memo.clear()
+
+
 def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None) -> tuple[Backend, Any]:
     """The backend and its prepared config (:meth:`Backend.prepare_config`) for ``problem``; ``requested`` is
-    "auto" or a backend name.
+    "auto" or a backend name. Decided once per :func:`memo_key`, then remembered for the process.
 
     ``args`` are the call's tensors (and flags) as the backend method takes them, without the config; with them
     the tuner can time candidates on the real inputs when nothing is tuned yet.
     """
-    hit = tuning.remembered(tuning.memo_key(problem, requested, args))
+    global _memo_generation
+    key = memo_key(problem, requested, args)
+    hit = _memo.get(key)
     if hit is not None:  # the common case: this layer's shape was seen before in this process
         return hit
-    if requested == "auto":
-        backends = auto_candidates(problem.device)
-    else:
-        backends = [require_available(requested, problem.device)]
-    return tuning.choose(problem, requested, backends, args)
+    backends = candidates_for(requested, problem.device)
+    members = scope_members(requested, problem.device.type)
+    candidate = tuning.choose(problem, requested, members, backends, args)
+    backend = get_backend(candidate.backend)
+    prepared = backend.prepare_config(problem, dict(candidate.config))
+    with _memo_lock:
+        if key[-1] > _memo_generation:  # availability changed: the older entries can never be hit again
+            _memo.clear()
+            _memo_generation = key[-1]
+        _memo[key] = (backend, prepared)
+    return backend, prepared

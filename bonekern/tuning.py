@@ -1,9 +1,12 @@
-"""bonekern's tunable ops declared for the generic :mod:`autotune` package, and its provider for the CLI.
+"""bonekern's tunable ops declared for the generic :mod:`autotune` package: problem -> tuning key, search space,
+agreement check.
 
-Every call of a ``torch.ops.bonekern`` op reaches :func:`choose` (through :func:`bonekern.dispatch.select`)
-with its :class:`~bonekern.backends.OpProblem`, the backends it may use (``"auto"``: every available backend of
-:data:`bonekern.dispatch.AUTO_ORDER`; a named backend: that one) and its real tensors. :func:`choose` returns
-the backend and config to run, remembered per problem for the life of the process.
+:func:`bonekern.dispatch.select` -- the only caller at run time -- hands :func:`choose` a call's
+:class:`~bonekern.backends.OpProblem`, its scope ("auto" or a backend name), the backends the scope stands for
+(whose sources the key hashes), the available backends to choose among, and the call's real tensors; it gets
+back the winning :class:`autotune.Candidate` (backend name and config dict). Dispatch prepares and remembers it;
+this module keeps no per-process state besides caches of fixed facts, and never imports dispatch. The
+``python -m autotune`` provider (:mod:`bonekern.autotune_provider`) builds its jobs from :func:`search_space`.
 
 What a tuned result is filed under (:class:`autotune.TuningKey`):
 
@@ -21,15 +24,12 @@ config can never win. Shipped profiles live in the top-level ``profiles/`` direc
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib
 import importlib.resources
 import logging
-import os
 import platform
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,9 @@ import torch
 
 from autotune import Candidate, SearchSpace, Tuner, TuningKey, hash_sources, library_versions
 from autotune.keys import profile_name
-from autotune.presets import LayerShape
-from autotune.provider import Job
 from autotune.tuner import Runner, structurally_accepted
 
 from .backends import Backend, OpProblem, get_backend
-from .backends.pytorch import group_sum
-from .validation import delta_dtype
-from .variants import VARIANTS, make_spec
 
 APP = "bonekern"
 ENV_PREFIX = "BONEKERN"
@@ -65,16 +60,6 @@ AGREEMENT: dict[torch.dtype, float] = {
 }
 """Largest max|candidate - default| / max|default| a candidate may show while tuning. Loose on purpose (TF32
 and different summation orders are fine); it catches broken configs, not rounding."""
-
-_ENV_NAMES: tuple[str, ...] = (
-    f"{ENV_PREFIX}_AUTOTUNE",
-    f"{ENV_PREFIX}_AUTOTUNE_LOG",
-    f"{ENV_PREFIX}_CACHE_DIR",
-    f"{ENV_PREFIX}_AUTOTUNE_PROFILE",
-    "TRITON_INTERPRET",
-    "XDG_CACHE_HOME",
-)
-"""The environment variables a decision depends on (part of the per-process memo key)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -124,22 +109,13 @@ def backend_source_hash(name: str) -> str:
     return hash_sources([path.parent if path.name == "__init__.py" else path])
 
 
-def scope_backends(scope: str, device_type: str) -> tuple[str, ...]:
-    """The backends a scope compares: for "auto" the whole auto order of the device type (available or not, so
-    the hash does not depend on what is installed: that is in the versions), else the one named."""
-    if scope != "auto":
-        return (scope,)
-    from .dispatch import AUTO_ORDER, DEFAULT_ORDER
-
-    return AUTO_ORDER.get(device_type, DEFAULT_ORDER)
-
-
 @functools.cache
-def scope_source_hash(scope: str, device_type: str) -> str:
-    names = scope_backends(scope, device_type)
-    if len(names) == 1:
-        return backend_source_hash(names[0])
-    joined = ";".join(f"{n}:{backend_source_hash(n)}" for n in names)
+def scope_source_hash(members: tuple[str, ...]) -> str:
+    """Hash of the sources of a scope's backends (``members``, from :func:`bonekern.dispatch.scope_members`):
+    the one backend's hash, or a hash of every member's."""
+    if len(members) == 1:
+        return backend_source_hash(members[0])
+    joined = ";".join(f"{n}:{backend_source_hash(n)}" for n in members)
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
@@ -155,7 +131,9 @@ def needed_grads(op: str, args: Sequence[Any] | None) -> str:
     return "+".join(name for name, need in (("dx", need_dx), ("dblock", need_dblock)) if need) or "none"
 
 
-def make_key(problem: OpProblem, scope: str, grads: str) -> TuningKey:
+def make_key(problem: OpProblem, scope: str, grads: str, members: tuple[str, ...]) -> TuningKey:
+    """The key ``problem`` is filed under in ``scope``; ``grads`` from :func:`needed_grads`; ``members`` the
+    backends the scope stands for (their sources are hashed into the key)."""
     fields: dict[str, Any] = {
         "variant": problem.variant,
         "dtype": dtype_name(problem.dtype),
@@ -178,7 +156,7 @@ def make_key(problem: OpProblem, scope: str, grads: str) -> TuningKey:
         name,
         capability,
         versions(),
-        scope_source_hash(scope, problem.device.type),
+        scope_source_hash(tuple(members)),
     )
 
 
@@ -253,9 +231,12 @@ def _candidates(problem: OpProblem, backends: Sequence[Backend]) -> list[Candida
     return out
 
 
-def search_space(problem: OpProblem, scope: str, backends: Sequence[Backend], grads: str) -> SearchSpace:
-    """The tuner's view of one call: key, default (first backend's default config), candidates, checks."""
-    key = make_key(problem, scope, grads)
+def search_space(
+    problem: OpProblem, scope: str, members: tuple[str, ...], backends: Sequence[Backend], grads: str
+) -> SearchSpace:
+    """The tuner's view of one call: key (see :func:`make_key`), default (the first of ``backends``' default
+    config), candidates (every config of every one of ``backends``), checks."""
+    key = make_key(problem, scope, grads, members)
     allowed = {b.name for b in backends}
     backend_keys = {}
     if scope == "auto":
@@ -292,189 +273,28 @@ def runner_for(problem: OpProblem, args: Sequence[Any]) -> Runner:
     return run
 
 
-_memo: dict[tuple, tuple[Backend, Any]] = {}
-"""memo key -> (backend, prepared config): what :func:`choose` decided, reused by every later call."""
-_memo_lock = threading.Lock()
-
-
-def memo_key(problem: OpProblem, scope: str, args: Sequence[Any] | None) -> tuple:
-    """What a decision depends on besides the cache files: the problem, the scope ("auto" or a backend name),
-    the gradients a backward call needs, the tuner's environment variables and the CPU thread count."""
-    grads = needed_grads(problem.op, args)
-    env = tuple(map(os.environ.get, _ENV_NAMES))
-    threads = torch.get_num_threads() if problem.device.type == "cpu" else 0
-    return (problem, scope, grads, env, threads)
-
-
-def remembered(key: tuple) -> tuple[Backend, Any] | None:
-    """The decision made earlier in this process for ``key`` (see :func:`memo_key`): the backend and its prepared
-    config (:meth:`Backend.prepare_config`), or None."""
-    return _memo.get(key)
-
-
 def choose(
-    problem: OpProblem, scope: str, backends: Sequence[Backend], args: Sequence[Any] | None = None
-) -> tuple[Backend, Any]:
-    """The backend and its prepared config for one call, remembered for the rest of the process per
-    :func:`memo_key`.
-
-    Defaults are remembered too: a process picks up cache entries written by another process (e.g.
-    ``python -m autotune tune``) when it restarts, or after :func:`forget_choices`.
-    """
-    key = memo_key(problem, scope, args)
-    hit = remembered(key)
-    if hit is not None:
-        return hit
-    space = search_space(problem, scope, backends, key[2])
-    decision = TUNER.choose(space, runner_for(problem, args) if args is not None else None)
-    backend = get_backend(decision.candidate.backend)
-    prepared = backend.prepare_config(problem, dict(decision.candidate.config))
-    with _memo_lock:
-        _memo[key] = (backend, prepared)
-    return backend, prepared
-
-
-def forget_choices() -> None:
-    """Drop the per-process memo (tests; after editing the cache by hand)."""
-    with _memo_lock:
-        _memo.clear()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The CLI provider.
-# ------------------------------------------------------------------------------------------------------------
-
-_DTYPES = {dtype_name(d): d for d in AGREEMENT}
-
-
-def synthetic_args(problem: OpProblem, seed: int = 0) -> tuple:
-    """Random inputs for ``problem.op`` (both gradients requested for backward ops), O(1) outputs."""
-    gen = torch.Generator(device=problem.device).manual_seed(seed)
-    m, n, k, r, device = problem.m, problem.n, problem.k, problem.r, problem.device
-
-    def randn(*shape, dtype, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
-
-    x = randn(m, k, dtype=problem.dtype)
-    weight = randn(n, k, dtype=problem.dtype, scale=k**-0.5)
-    if problem.op.startswith("bat"):
-        block = randn(n // r, r, r, dtype=problem.block_dtype, scale=0.02)
-    else:
-        block = randn(r, problem.block_cols, dtype=problem.block_dtype, scale=0.02)
-    if problem.op.endswith("forward"):
-        return (x, weight, block, None)
-    dy = randn(m, n, dtype=problem.dtype)
-    if problem.op == "bone_backward":
-        return (dy, group_sum(x, r, delta_dtype(problem.dtype, problem.block_dtype)), weight, block, True, True)
-    return (dy, x, weight, block, True, True)
-
-
-class BonekernProvider:
-    """bonekern's provider for ``python -m autotune`` (entry point ``autotune.providers: bonekern``)."""
-
-    name = APP
-    env_prefix = ENV_PREFIX
-
-    def tuner(self) -> Tuner:
-        return TUNER
-
-    def add_tune_arguments(self, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("bonekern")
-        group.add_argument(
-            "--variant",
-            nargs="+",
-            choices=VARIANTS,
-            default=["bone", "bat"],
-            help="variants to tune (default: bone bat)",
-        )
-        group.add_argument("--r", type=int, nargs="+", default=[64], help="block sizes (default: 64)")
-        group.add_argument("--mini-r", type=int, default=None, help="mini_r for variant mini (default: r)")
-        group.add_argument(
-            "--backend",
-            default="auto",
-            help='"auto" (compare every backend auto may pick) or one backend name (default: auto)',
-        )
-        group.add_argument(
-            "--ops",
-            nargs="+",
-            choices=["forward", "backward"],
-            default=["forward", "backward"],
-            help="which passes to tune (default: both)",
-        )
-
-    def jobs(
-        self, shapes: list[LayerShape], tokens: list[int], dtypes: list[str], device: str, args: argparse.Namespace
-    ) -> tuple[list[Job], list[str]]:
-        from .dispatch import auto_candidates, require_available
-
-        dev = torch.device(device)
-        backends = auto_candidates(dev) if args.backend == "auto" else [require_available(args.backend, dev)]
-        jobs: dict[str, Job] = {}
-        labels: dict[str, list[str]] = {}
-        notes: list[str] = []
-        for dtype_text in dtypes:
-            if dtype_text not in _DTYPES:
-                raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}; got {dtype_text!r}")
-            dtype = _DTYPES[dtype_text]
-            block_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            for variant in args.variant:
-                for r in args.r:
-                    for shape in shapes:
-                        mini_r = (args.mini_r or r) if variant == "mini" else None
-                        try:
-                            spec = make_spec(variant, shape.n, shape.k, r, mini_r)
-                        except ValueError as exc:
-                            notes.append(f"skipped {shape.label} ({shape.n}x{shape.k}) for {variant} r={r}: {exc}")
-                            continue
-                        family = "bat" if variant == "bat" else "bone"
-                        for m in tokens:
-                            for group in args.ops:
-                                op = f"{family}_{group}"
-                                problem = OpProblem(
-                                    op, m, shape.n, shape.k, r, spec.block_cols, dtype, block_dtype, dev
-                                )
-                                space = search_space(problem, args.backend, backends, needed_grads(op, None))
-                                eid = space.key.entry_id
-                                labels.setdefault(eid, []).append(shape.layer)
-                                if eid not in jobs:
-                                    jobs[eid] = Job(space, functools.partial(_synthetic_runner, problem))
-        for eid, job in jobs.items():
-            job.space.label += f" ({','.join(dict.fromkeys(labels[eid]))})"
-        return list(jobs.values()), notes
-
-    def current_provenance(self, key: TuningKey) -> tuple[dict[str, str], str] | None:
-        try:
-            return versions(), scope_source_hash(key.scope, key.device_type)
-        except (KeyError, ValueError, ImportError):
-            return None
-
-    def devices(self) -> list[tuple[str, str]]:
-        out = [("cpu", device_identity(torch.device("cpu"))[0])]
-        if torch.cuda.is_available():
-            out += [("cuda", _cuda_identity(i)[0]) for i in range(torch.cuda.device_count())]
-        return list(dict.fromkeys(out))
-
-    def default_device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _synthetic_runner(problem: OpProblem) -> Runner:
-    return runner_for(problem, synthetic_args(problem))
-
-
-def autotune_provider() -> BonekernProvider:
-    """Entry point of group ``autotune.providers``."""
-    return BonekernProvider()
+    problem: OpProblem,
+    scope: str,
+    members: tuple[str, ...],
+    backends: Sequence[Backend],
+    args: Sequence[Any] | None = None,
+) -> Candidate:
+    """The backend and config (a JSON dict, not yet prepared) to run ``problem`` with, chosen among ``backends``
+    by :data:`TUNER`: looked up, tuned now on ``args`` (the call's tensors, when given and tuning is allowed), or
+    the first backend's default. ``scope`` and ``members`` as for :func:`make_key`."""
+    space = search_space(problem, scope, members, backends, needed_grads(problem.op, args))
+    return TUNER.choose(space, runner_for(problem, args) if args is not None else None).candidate
 
 
 __all__ = [
+    "AGREEMENT",
     "TUNER",
-    "BonekernProvider",
-    "autotune_provider",
     "choose",
     "device_identity",
-    "forget_choices",
     "make_key",
+    "needed_grads",
+    "outputs_agree",
     "profiles_dir",
     "search_space",
 ]

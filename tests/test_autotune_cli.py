@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from autotune import SCHEMA, parse_table, profile_name
-from autotune.cli import main
-from autotune.presets import MODELS, layer_shapes
+from autotune.cli import _parse_shape, main
+from autotune.presets import MODELS, SHAPE_HELP, layer_shapes
 from autotune.settings import CACHE_FILE_NAME
 from bonekern import tuning
 
@@ -41,14 +41,15 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def test_tune_show_export_clear(cli_env):
-    tune = ("tune", "--shape", "32,16", "--variant", "bat", "bone", "--r", "8", "--tokens", "4", "--repeats", "2")
+    tune = ("tune", "--shape", "32x16", "--variant", "bat", "bone", "--r", "8", "--tokens", "4", "--repeats", "2")
     code, out, err = run(*tune)
     assert code == 0, err
     rows = {line.split("]")[0]: line for line in out.splitlines() if "[auto]" in line}
     assert set(rows) == {"bat_forward[auto", "bat_backward[auto", "bone_forward[auto", "bone_backward[auto"}
     assert " tuned " in rows["bat_forward[auto"] and " tuned " in rows["bat_backward[auto"]
     assert "only candidate" in rows["bone_forward[auto"]
-    assert "bat_backward[auto]" in err and "14/14 done" in err  # the progress bar went through the candidates
+    # the progress bar (tqdm; drawn at every step when not on a terminal) went through all 14 candidates
+    assert "bat_backward[auto]" in err and "| 14/14 [" in err and err.rstrip().splitlines()[-1].startswith("done: 100%")
 
     cache = cli_env / "cache" / CACHE_FILE_NAME
     table, problem = parse_table(cache.read_text())
@@ -85,12 +86,37 @@ def test_tune_refuses_the_interpreter_and_bad_arguments(cli_env, monkeypatch):
     assert code == 2 and "--dtype must be one of" in err
     code, _, err = run("show", "--provider", "no_such_provider_module")
     assert code == 2 and "neither an entry point" in err
-    with pytest.raises(SystemExit):
-        run("tune", "--shape", "32-16")
+
+
+@pytest.mark.parametrize("text", ["32-16", "32", "0x16", "32x16x2"])
+def test_bad_shape_is_one_argparse_error_naming_the_option(cli_env, capsys, text):
+    with pytest.raises(SystemExit) as e:
+        run("tune", "--shape", text)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"python -m autotune tune: error: argument --shape: --shape takes {SHAPE_HELP}; got {text!r}"
+
+
+def test_shape_is_n_by_k_like_the_bench():
+    from bench.suites import parse_shape as bench_shape
+
+    for text in ("11008x4096", "11008,4096", "11008X4096"):
+        shape = _parse_shape(text)
+        assert (shape.n, shape.k, shape.name) == (11008, 4096, "shape.11008x4096")
+        assert (bench_shape(text).n, bench_shape(text).k) == (11008, 4096)
+
+
+def test_tune_without_tqdm_says_which_extra(cli_env, monkeypatch):
+    import autotune.cli
+
+    real = autotune.cli.importlib.util.find_spec
+    monkeypatch.setattr(autotune.cli.importlib.util, "find_spec", lambda n, *a: None if n == "tqdm" else real(n, *a))
+    code, _, err = run("tune", "--shape", "32x16")
+    assert code == 2 and "pip install 'bonekern[autotune]'" in err
 
 
 def test_presets_match_the_model_configs():
-    shapes = {(m, s.layer): (s.n, s.k) for m in MODELS for s in layer_shapes(m)}
+    shapes = {(m, *s.layers): (s.n, s.k) for m in MODELS for s in layer_shapes(m)}
     assert shapes["Llama-2-7B", "q"] == (4096, 4096) and shapes["Llama-2-7B", "down"] == (4096, 11008)
     assert shapes["Llama-2-13B", "gate"] == (13824, 5120) and shapes["Llama-2-13B", "k"] == (5120, 5120)
     assert shapes["Llama-3-8B", "k"] == (1024, 4096) and shapes["Llama-3-8B", "up"] == (14336, 4096)
@@ -131,7 +157,7 @@ INSTALLED_CHECK = textwrap.dedent(
             assert tuning.shipped_profile(entry.key).name == name
             entries += 1
     assert tuning.backend_source_hash("torch") == source_hash  # the hash does not depend on where files live
-    assert type(load_provider()).__module__ == "bonekern.tuning"  # through the installed entry point
+    assert type(load_provider()).__module__ == "bonekern.autotune_provider"  # through the installed entry point
     print(json.dumps({"profiles": found, "entries": entries}))
     """
 )

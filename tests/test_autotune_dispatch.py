@@ -12,7 +12,7 @@ import torch
 import bonekern
 from autotune import CacheFile, Candidate, Entry, Timing
 from autotune.settings import CACHE_FILE_NAME
-from bonekern import reference, tuning
+from bonekern import dispatch, reference, tuning
 from bonekern.backends import OpProblem, get_backend
 from bonekern.backends.pytorch import TorchBackend
 
@@ -49,9 +49,9 @@ def cache_path(tmp_path, monkeypatch):
     monkeypatch.delenv("BONEKERN_AUTOTUNE_PROFILE", raising=False)
     monkeypatch.delenv("BONEKERN_AUTOTUNE_LOG", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    tuning.forget_choices()
+    dispatch.forget_choices()
     yield tmp_path / CACHE_FILE_NAME
-    tuning.forget_choices()
+    dispatch.forget_choices()
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def torch_default(op: str) -> dict:
 def store_choice(path, op: str, scope: str, config: dict) -> None:
     """Put an entry choosing ``config`` for this test's problem into the cache file, as a tuning run would."""
     problem = OpProblem(op, M, N, K, R, R, torch.float32, torch.float32, torch.device("cpu"))
-    key = tuning.make_key(problem, scope, tuning.needed_grads(op, None))
+    key = tuning.make_key(problem, scope, tuning.needed_grads(op, None), dispatch.scope_members(scope, "cpu"))
     choice = Candidate("torch", config)
     CacheFile(path).put([Entry(key, choice, Candidate("torch", torch_default(op)), (Timing(choice, 1.0, 3),), M,
                                "test", "2026-01-01")])  # fmt: skip
@@ -125,7 +125,7 @@ def test_cpu_tuning_times_the_torch_strategies_and_keeps_the_winner(cache_path, 
     assert entries["bat_forward", "auto"].key.device_type == "cpu"
 
     # A later process reads the winners back; nothing is timed again, by "auto" or by the named backend.
-    tuning.forget_choices()
+    dispatch.forget_choices()
     timer.timed.clear()
     for backend in ("auto", "torch"):
         forward_backward(backend)
@@ -178,7 +178,7 @@ def test_outputs_agree_catches_wrong_results():
 
 def test_key_names_device_versions_and_source():
     problem = OpProblem("bone_backward", 300, N, K, R, 16, torch.bfloat16, torch.float32, torch.device("cpu"))
-    key = tuning.make_key(problem, "auto", "dx")
+    key = tuning.make_key(problem, "auto", "dx", dispatch.scope_members("auto", "cpu"))
     assert dict(key.problem) == {"variant": "mini", "dtype": "bfloat16", "block_dtype": "float32", "n": N, "k": K,
                                  "r": R, "mini_r": 16, "grads": "dx"}  # fmt: skip
     assert key.m == 512 and key.device.startswith("cpu ") and "threads" in key.capability

@@ -4,6 +4,7 @@ how tuning drops candidates that fail or disagree. Generic package only, with a 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,10 @@ def test_cache_location_follows_the_environment(env, monkeypatch):
     expected = env / "xdg" / "attest" / "autotune.json" if sys.platform.startswith("linux") else None
     if expected is not None:
         assert Tuner("attest", PREFIX).settings().cache_path == expected
+        # XDG: a relative XDG_CACHE_HOME is invalid and ignored (~/.cache is used)
+        monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")
+        home = Path.home() / ".cache" / "attest" / "autotune.json"
+        assert Tuner("attest", PREFIX).settings().cache_path == home
 
 
 def test_bad_switch_value_names_the_variable(env, monkeypatch):

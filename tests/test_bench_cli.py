@@ -17,8 +17,8 @@ from bench import cli
 from bench.compare import compare
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--shape", "64x128+bias", "--tokens", "16", "--r", "16", "--budget", "0.001", "--min-repeats", "2"]
-SHAPE_ID = "custom.64x128"
+TINY = ["--shape", "128x64+bias", "--tokens", "16", "--r", "16", "--budget", "0.001", "--min-repeats", "2"]
+SHAPE_ID = "custom.128x64"
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -46,7 +46,7 @@ def test_table_header_and_rows(tiny_run):
     for field in ("device: cpu", "torch threads", "torch 2.", "triton", "cupy", "peft 0.", "bonekern 0.", "git "):
         assert field in out
     for variant in ("bone, r = 16", "bat, r = 16", "mini (mini_r 16), r = 16"):
-        assert f"custom 64x128: x (16, 64), W (128, 64) + bias | {variant} | float32 | cpu" in out
+        assert f"custom 128x64: x (16, 64), W (128, 64) + bias | {variant} | float32 | cpu" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
     assert sum(r[0] == "torch" and r[-2] == "vs" and r[-4] == "ok" for r in rows) == 3  # checked against PEFT
     assert sum(r[0] == "peft" and r[-4:] == ["others", "checked", "vs", "this"] for r in rows) == 3
@@ -163,6 +163,8 @@ def test_bad_arguments_name_what_is_allowed(capsys):
         (["--dtype", "fp8"], "--dtype must be"),
         (["--compare", "/nonexistent/baseline.json"], "--compare /nonexistent/baseline.json: "),
         (["--csv", "/nonexistent/out.csv"], "the directory does not exist"),
+        (["--shape", "64"], "argument --shape: --shape takes NxK = out_features x in_features"),
+        (["--shape", "128x64+b"], "argument --shape: --shape takes NxK or NxK+bias; got '128x64+b'"),
     )
     for argv, needle in cases:
         with pytest.raises(SystemExit) as e:

@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def _case(variant: str, k: int = 128, n: int = 256, r: int = 16, tokens: int = 32, bias: bool = False):
-    shape = suites.LayerShape("test", ("layer",), k, n, bias)
+    shape = suites.LayerShape("test", ("layer",), n, k, bias)
     mini_r = r if variant == "mini" else None
     case = suites.Case(shape, variant, r, mini_r, tokens, torch.float32, CPU)
     spec = make_spec(variant, n, k, r, mini_r)
@@ -128,7 +128,7 @@ def test_lora_impl_trains_the_matched_rank():
 def test_peft_adapter_dtype_is_what_bonekern_gets():
     pytest.importorskip("peft", reason="peft is not installed")
     for dtype in (torch.bfloat16, torch.float64):
-        shape = suites.LayerShape("test", ("layer",), 64, 128, True)
+        shape = suites.LayerShape("test", ("layer",), 128, 64, True)
         case = suites.Case(shape, "bone", 16, None, 8, dtype, CPU)
         spec = make_spec("bone", 128, 64, 16)
         t = impls.CaseTensors.make(case, spec)
@@ -165,7 +165,7 @@ def test_run_case_reports_not_run_and_invalid_cases():
     records = run_case(case, ["triton", "linear"], Settings(0.001, 2), timing.Timer(CPU))
     assert records[0]["status"] == "not run" and records[0]["reason"] == impls.not_run_reason("triton", CPU)
     assert records[1]["status"] == "ok" and records[1]["fwdbwd_repeats"] >= 2
-    odd = suites.Case(suites.LayerShape("test", ("odd",), 100, 256, False), "bat", 16, None, 8, torch.float32, CPU)
+    odd = suites.Case(suites.LayerShape("test", ("odd",), 256, 100, False), "bat", 16, None, 8, torch.float32, CPU)
     records = run_case(odd, ["torch"], Settings(0.001, 2), timing.Timer(CPU))
     assert records[0]["status"] == "not run" and "in_features" in records[0]["reason"]
 
@@ -174,7 +174,7 @@ def test_run_case_reports_not_run_and_invalid_cases():
 
 
 def _shapes(model: str) -> dict[str, tuple[int, int, bool]]:
-    return {layer: (s.in_features, s.out_features, s.bias) for s in suites.projections(model) for layer in s.layers}
+    return {layer: (s.k, s.n, s.bias) for s in suites.projections(model) for layer in s.layers}
 
 
 def test_model_layer_shapes():
@@ -207,14 +207,16 @@ def test_model_layer_shapes():
 
 def test_acceptance_suite_is_the_foundation_problem():
     s = suites.SUITES["acceptance"]
-    assert [(x.in_features, x.out_features, x.bias) for x in s.shapes] == [(4096, 4096, False)]
+    assert [(x.k, x.n, x.bias) for x in s.shapes] == [(4096, 4096, False)]
     assert (s.tokens["cpu"], s.device, s.dtype, s.r, s.variants) == (2048, "cpu", torch.float32, 64, ("bone", "bat"))
     assert set(s.impls) == {"torch", "peft", "linear"}
 
 
 def test_parse_shape():
-    assert suites.parse_shape("64x128+bias") == suites.LayerShape("custom", ("64x128",), 64, 128, True)
-    for bad in ("64", "64x0", "64x128+b", "ax2"):
+    # NxK = out_features x in_features, as nn.Linear.weight.shape; "," works too
+    assert suites.parse_shape("128x64+bias") == suites.LayerShape("custom", ("128x64",), 128, 64, True)
+    assert suites.parse_shape("128,64") == suites.LayerShape("custom", ("128x64",), 128, 64, False)
+    for bad in ("64", "64x0", "64x128+b", "ax2", "1x2x3", "-1x4"):
         with pytest.raises(ValueError, match="--shape"):
             suites.parse_shape(bad)
 

@@ -2,6 +2,9 @@
 
 Rule for backend packages: importing one must never fail, even without its optional dependency (triton,
 cupy) or a GPU; it reports that through :meth:`Backend.unavailable_reason` and imports the heavy modules lazily.
+A backend whose availability changes while the process runs (the CuPy backend when a kernel launcher is
+registered) calls :func:`availability_changed`; whoever caches decisions per backend (:mod:`bonekern.dispatch`)
+compares :func:`availability_generation`. Backends never import dispatch or tuning.
 """
 
 from __future__ import annotations
@@ -40,6 +43,21 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
+_generation = 0
+
+
+def availability_changed() -> None:
+    """Say that some backend's availability changed (e.g. a kernel launcher was registered or removed): every
+    decision remembered under an older :func:`availability_generation` is stale."""
+    global _generation
+    _generation += 1
+
+
+def availability_generation() -> int:
+    """A counter that :func:`availability_changed` increments; cheap to read on every call."""
+    return _generation
+
+
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """None if backend ``name`` can run on ``device``, else why not."""
     return get_backend(name).unavailable_reason(torch.device(device))
@@ -56,6 +74,8 @@ __all__ = [
     "Backend",
     "Config",
     "OpProblem",
+    "availability_changed",
+    "availability_generation",
     "available_backends",
     "check_backend_name",
     "get_backend",

@@ -1,11 +1,8 @@
-"""Compiling the CUDA sources for a GPU architecture -- at run time, and ahead of time without a GPU -- and ptxas
-figures.
+"""The CUDA compile checker (a development tool; the run-time path never imports it): the kernels compiled ahead of
+time for each GPU architecture without a GPU, and ptxas's resource figures checked against a baseline.
 
-- :func:`nvrtc_compile` is THE compile: the launcher calls it for the device's ``sm_XY`` and loads the cubin with
-  ``cupy.RawModule``; the tests call it for sm_80 / sm_90 / sm_100 with no GPU present. NVRTC comes through CuPy's
-  low-level binding (``cupy_backends.cuda.libs.nvrtc``, in a plain ``pip install 'bonekern[cupy]'``), with exactly
-  :data:`NVRTC_OPTIONS` (no ``-ftz``: denormals behave as in torch; CuPy's own ``RawModule(code=...)`` would add
-  ``-ftz=true``).
+- :func:`~.nvrtc.nvrtc_compile` (:mod:`.nvrtc`) is THE compile, the same function the launcher calls at run
+  time; here it runs for sm_80 / sm_90 / sm_100 with no GPU present.
 - :func:`nvcc_compile` (``nvcc -cubin -arch=sm_XY -Xptxas -v``), where the CUDA toolkit is installed: a second
   compiler over the same files, for the checks.
 
@@ -29,10 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .sources import KERNEL_FILES, kernels_dir, load_source
-
-NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "-lineinfo")
-"""Options of every compile, besides ``-arch=sm_XY`` (and ``-Xptxas=-v`` when figures are wanted)."""
+from .nvrtc import NVRTC_OPTIONS, CompileError, nvrtc_compile
+from .sources import KERNEL_FILES, kernels_dir
 
 ARCHS: tuple[int, ...] = (80, 90, 100)
 """The architectures the kernels are checked and baselined for (A100, H100/H200, B200)."""
@@ -44,10 +39,6 @@ SHARED_MEMORY_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024, 100: 227 
 REGENERATE = "PYTHONPATH=. python -m bonekern.backends.cupy.compile --write profiles/resources"
 
 
-class CompileError(RuntimeError):
-    """A compiler rejected a kernel file; the message holds its log."""
-
-
 @dataclass(frozen=True)
 class KernelResources:
     """What ptxas reports for one kernel (bytes, except registers)."""
@@ -57,28 +48,6 @@ class KernelResources:
     spill_loads: int
     stack_bytes: int
     shared_bytes: int
-
-
-def nvrtc_compile(source: str, arch: int, verbose: bool = True) -> tuple[bytes, str]:
-    """Compile kernels/``source`` with NVRTC for ``sm_<arch>``; returns (cubin, compiler log).
-
-    verbose: add ``-Xptxas=-v`` so the log holds ptxas's per-kernel figures (it changes nothing in the cubin).
-    """
-    from cupy_backends.cuda.libs import nvrtc
-
-    program = nvrtc.createProgram(load_source(source), source, [], [])
-    try:
-        try:
-            options = [*NVRTC_OPTIONS, f"-arch=sm_{arch}", *(["-Xptxas=-v"] if verbose else [])]
-            nvrtc.compileProgram(program, options)
-        except nvrtc.NVRTCError as exc:
-            log = nvrtc.getProgramLog(program).replace("\0", "")
-            raise CompileError(f"NVRTC could not compile {source} for sm_{arch}: {exc}\n{log}") from exc
-        log = nvrtc.getProgramLog(program).replace("\0", "")
-        cubin = nvrtc.getCUBIN(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    return cubin, log
 
 
 def find_nvcc() -> str | None:

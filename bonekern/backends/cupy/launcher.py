@@ -2,7 +2,7 @@
 
 The host code (:mod:`.kernels`) computes a launch -- source file, kernel name, grid, block, arguments -- and hands it
 to the :class:`Launcher` registered for the tensors' device type. On CUDA that is :class:`CupyLauncher`: each ``.cu``
-file is compiled by :func:`.compile.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
+file is compiled by :func:`.nvrtc.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
 the cubin is also cached on disk, keyed by source, options, NVRTC version and architecture), loaded per device with
 ``cupy.RawModule(path=...)``, and its kernels run on torch's current stream with the tensors' own device pointers
 (zero-copy; nothing is converted to CuPy arrays).
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .. import availability_changed
+from .nvrtc import NVRTC_OPTIONS, nvrtc_compile
 from .sources import load_source
 
 KernelArg = torch.Tensor | int
@@ -80,8 +82,6 @@ class CupyLauncher(Launcher):
         if path is None:
             from cupy_backends.cuda.libs import nvrtc
 
-            from .compile import NVRTC_OPTIONS, nvrtc_compile  # imported here: `python -m ...compile` stays clean
-
             key = f"{load_source(source)}\0{NVRTC_OPTIONS}\0{nvrtc.getVersion()}\0{arch}"
             digest = hashlib.sha256(key.encode()).hexdigest()[:24]
             target = _cache_dir() / f"{Path(source).stem}.sm_{arch}.{digest}.cubin"
@@ -136,11 +136,12 @@ class _StreamHandle:
 
 @functools.cache
 def _cache_dir() -> Path:
-    """Where compiled cubins are kept: $BONEKERN_CACHE_DIR, else ~/.cache/bonekern/cuda (a private temporary
-    directory when neither is writable)."""
+    """Where compiled cubins are kept: $BONEKERN_CACHE_DIR, else ``cuda/`` in the user cache directory (platformdirs:
+    ~/.cache/bonekern/cuda on Linux), a private temporary directory when neither is writable."""
+    import platformdirs
+
     chosen = os.environ.get("BONEKERN_CACHE_DIR")
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    directory = Path(chosen) if chosen else Path(cache_home) / "bonekern" / "cuda"
+    directory = Path(chosen) if chosen else Path(platformdirs.user_cache_dir("bonekern", appauthor=False)) / "cuda"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".probe.{os.getpid()}"
@@ -176,10 +177,8 @@ def install_launcher(device_type: str, launcher: Launcher | None) -> Launcher | 
 
     The test suite installs the host-shim launcher for "cpu" so the backend's kernels run on CPU tensors.
     """
-    from ... import tuning
-
     previous = _LAUNCHERS.pop(device_type, None)
     if launcher is not None:
         _LAUNCHERS[device_type] = launcher
-    tuning.forget_choices()  # availability changed: decisions remembered per process are stale
+    availability_changed()  # decisions remembered per process (bonekern.dispatch) are stale now
     return previous
