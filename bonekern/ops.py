@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import dispatch
 from .backends import OpProblem
-from .backends.pytorch import bat_weight_grad
+from .blockmath import bat_weight_grad
 from .profiling import nvtx_range
 from .validation import delta_dtype
 

@@ -43,7 +43,7 @@ from autotune.provider import Job
 from autotune.tuner import Runner, structurally_accepted
 
 from .backends import Backend, OpProblem, get_backend
-from .backends.pytorch import group_sum
+from .blockmath import group_sum
 from .validation import delta_dtype
 from .variants import VARIANTS, make_spec
 
@@ -116,12 +116,17 @@ def versions() -> dict[str, str]:
 
 @functools.cache
 def backend_source_hash(name: str) -> str:
-    """Hash of the source of backend ``name``: its module file, or every source file of its package."""
-    module = importlib.import_module(type(get_backend(name)).__module__)
-    path = Path(module.__file__ or "")
-    if not path.is_file():
-        return f"unhashable:{module.__name__}"
-    return hash_sources([path.parent if path.name == "__init__.py" else path])
+    """Hash of the source of backend ``name``: its module file, or every source file of its package, plus the
+    files of its ``shared_source_modules``."""
+    backend = get_backend(name)
+    paths = []
+    for module_name in (type(backend).__module__, *backend.shared_source_modules):
+        module = importlib.import_module(module_name)
+        path = Path(module.__file__ or "")
+        if not path.is_file():
+            return f"unhashable:{module.__name__}"
+        paths.append(path.parent if path.name == "__init__.py" else path)
+    return hash_sources(paths)
 
 
 def scope_backends(scope: str, device_type: str) -> tuple[str, ...]:
