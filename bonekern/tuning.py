@@ -44,6 +44,7 @@ from autotune.tuner import Runner, structurally_accepted
 
 from .backends import Backend, OpProblem, get_backend
 from .blockmath import group_sum
+from .tolerances import AGREEMENT, AGREEMENT_FALLBACK
 from .validation import delta_dtype
 from .variants import VARIANTS, make_spec
 
@@ -56,15 +57,6 @@ LIBRARIES: dict[str, str] = {
     "cupy": "cupy-cuda13x|cupy-cuda12x|cupy",
 }
 """Libraries whose versions are part of every key (short name -> distribution names, first installed wins)."""
-
-AGREEMENT: dict[torch.dtype, float] = {
-    torch.float64: 1e-8,
-    torch.float32: 1e-2,
-    torch.float16: 1e-2,
-    torch.bfloat16: 6e-2,
-}
-"""Largest max|candidate - default| / max|default| a candidate may show while tuning. Loose on purpose (TF32
-and different summation orders are fine); it catches broken configs, not rounding."""
 
 _ENV_NAMES: tuple[str, ...] = (
     f"{ENV_PREFIX}_AUTOTUNE",
@@ -238,7 +230,7 @@ def outputs_agree(reference: object, output: object) -> str | None:
         work = torch.float64 if a.dtype == torch.float64 else torch.float32
         scale = a[finite].to(work).abs().max().item() if finite.any() else 0.0
         err = (a[finite].to(work) - b[finite].to(work)).abs().max().item() if finite.any() else 0.0
-        allowed = AGREEMENT.get(a.dtype, 1e-2) * max(scale, 1e-30)
+        allowed = AGREEMENT.get(a.dtype, AGREEMENT_FALLBACK) * max(scale, 1e-30)
         if err > allowed:
             return f"output {i} differs from the default's by {err:.3g} (allowed {allowed:.3g})"
     return None
