@@ -96,7 +96,7 @@ SUITES: dict[str, Suite] = {
     "qwen2.5-7b": _model_suite("qwen2.5-7b"),
     "acceptance": Suite(
         "acceptance",
-        "the foundation's acceptance problem (DESIGN.md section 2): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
+        "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
         "bone and bat, bonekern torch vs PEFT vs the frozen linear layer",
         (LayerShape("acceptance", ("square",), 4096, 4096, False),),
         tokens={"cpu": 2048, "cuda": 2048},
