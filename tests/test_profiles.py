@@ -28,3 +28,23 @@ def test_shipped_profile_entries_match_the_current_source(path):
         if e.key.source != tuning.scope_source_hash(e.key.scope, e.key.device_type)
     }
     assert not stale, f"{path.name}: entries keyed to another source: {sorted(stale)}"
+
+
+@pytest.mark.parametrize(
+    ("name", "must_cover"),
+    [
+        ("torch", ["bonekern/backends/pytorch.py", "bonekern/blockmath.py"]),
+        ("cupy", ["bonekern/backends/cupy/host.py", "bonekern/backends/cupy/kernels/bat.cu"]),
+        ("triton", ["bonekern/backends/triton/bat.py", "bonekern/backends/triton/configs.py"]),
+        ("reference", ["bonekern/backends/einsum.py"]),
+    ],
+)
+def test_source_hash_covers_the_code_a_backend_runs(monkeypatch, name, must_cover):
+    """A tuned entry must go stale when any code its backend runs changes: kernels, host code, shared math."""
+    root = Path(tuning.__file__).resolve().parent.parent
+    seen: list[Path] = []
+    monkeypatch.setattr(tuning, "hash_sources", lambda paths, root=None: seen.extend(map(Path, paths)) or "h")
+    tuning.backend_source_hash.__wrapped__(name)
+    covered = [p.relative_to(root).as_posix() for p in seen]
+    for rel in must_cover:
+        assert any(rel == c or rel.startswith(c + "/") for c in covered), f"{name}: {rel} not in {covered}"
