@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bonekern.profiling import nvtx_range
+from bonekern.tolerances import BENCH_CHECK
 from bonekern.variants import AdapterSpec, make_spec
 
 from . import impls as impls_mod
@@ -27,16 +28,6 @@ from .costs import cost
 from .memory import kept_for_backward, measure, storage_bytes
 from .suites import Case
 from .timing import Timer, TimeStats, stats
-
-CHECK_TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-9,
-    torch.float32: 1e-4,
-    torch.bfloat16: 3e-2,
-    torch.float16: 1e-2,
-}
-"""Largest relative error ||a - b|| / ||b|| (Frobenius) tolerated between two implementations of the same math:
-rounding differences grow with K, far below what a wrong formula or a missing term produces."""
-
 
 ROUNDS = 3
 """Timing rounds per case; see the module docstring."""
@@ -200,7 +191,7 @@ def _check(
     """Record the largest relative error of ``out`` (y and every gradient) against the reference outputs."""
     ref_name, ref_out = ref
     err = max(_rel_err(a, b) for a, b in zip(out, ref_out, strict=True))
-    record.update({"check_vs": ref_name, "check_max_rel_err": err, "check_ok": err <= CHECK_TOLERANCE[dtype]})
+    record.update({"check_vs": ref_name, "check_max_rel_err": err, "check_ok": err <= BENCH_CHECK[dtype]})
 
 
 def _ratios(records: dict[str, dict[str, Any]]) -> None:

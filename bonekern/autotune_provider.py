@@ -19,7 +19,7 @@ from autotune.provider import Job
 from autotune.tuner import Runner
 
 from .backends import OpProblem
-from .backends.pytorch import group_sum
+from .blockmath import group_sum
 from .dispatch import candidates_for, scope_members
 from .tuning import (
     AGREEMENT,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .backends import check_backend_name
-from .backends.pytorch import bat_weight
+from .blockmath import bat_unmerge, bat_weight, merge_chunk_blocks
 from .dispatch import require_available
 from .ops import bat_linear_2d, bone_linear_2d
 from .validation import FLOAT_DTYPES, check_linear_args, check_weight_and_block, delta_dtype
@@ -73,7 +73,7 @@ def bone_linear(
 def _delta_in_compute_dtype(weight: Tensor, block: Tensor, spec: AdapterSpec) -> Tensor:
     dtype = delta_dtype(weight.dtype, block.dtype)
     if spec.variant == "bat":
-        return bat_weight(weight, block, dtype, chunk_blocks=max(1, 4096 // spec.r)) - weight.to(dtype)
+        return bat_weight(weight, block, dtype, chunk_blocks=merge_chunk_blocks(spec.r)) - weight.to(dtype)
     d_full = block.to(dtype).repeat(1, spec.out_features // spec.block_cols)  # (r, N), tiny
     return d_full.t().repeat(1, spec.groups)[:, : spec.in_features]  # dW[n, k] = D[k % r, n]
 
@@ -95,7 +95,7 @@ def merge(weight: Tensor, block: Tensor, *, variant: str = "bone", mini_r: int |
     spec = check_weight_and_block(weight, block, variant, mini_r)
     dtype = delta_dtype(weight.dtype, block.dtype)
     if spec.variant == "bat":
-        return bat_weight(weight, block, dtype, chunk_blocks=max(1, 4096 // spec.r)).to(weight.dtype)
+        return bat_weight(weight, block, dtype, chunk_blocks=merge_chunk_blocks(spec.r)).to(weight.dtype)
     return (weight.to(dtype) + _delta_in_compute_dtype(weight, block, spec)).to(weight.dtype)
 
 
@@ -110,23 +110,4 @@ def unmerge(merged_weight: Tensor, block: Tensor, *, variant: str = "bone", mini
     dtype = delta_dtype(merged_weight.dtype, block.dtype)
     if spec.variant != "bat":
         return (merged_weight.to(dtype) - _delta_in_compute_dtype(merged_weight, block, spec)).to(merged_weight.dtype)
-    r = spec.r
-    n, k = merged_weight.shape
-    eye_plus_b = block.to(dtype) + torch.eye(r, dtype=dtype, device=block.device)
-    inverse, info = torch.linalg.inv_ex(eye_plus_b)
-    singular = torch.nonzero(info).flatten().tolist()
-    if singular:
-        raise ValueError(
-            f"block: I + B_i is singular for out-block(s) {singular[:8]}; a bat merge with this block cannot be undone"
-        )
-    out = torch.empty_like(merged_weight)
-    step = max(1, 4096 // r)
-    blocks = n // r
-    wm = merged_weight.contiguous()
-    for i0 in range(0, blocks, step):
-        i1 = min(blocks, i0 + step)
-        # rows (p, j) x columns s view of the merged rows, as in bonekern.backends.pytorch
-        rows = wm[i0 * r : i1 * r].view(i1 - i0, r, k // r, r).to(dtype) - block[i0:i1, :, None, :].to(dtype)
-        w = torch.bmm(rows.view(i1 - i0, k, r), inverse[i0:i1])
-        out[i0 * r : i1 * r] = w.view(-1, k).to(merged_weight.dtype)
-    return out
+    return bat_unmerge(merged_weight, block, dtype, merge_chunk_blocks(spec.r))

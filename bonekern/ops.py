@@ -17,9 +17,10 @@ Two entry paths, one implementation. :func:`bone_linear_2d` and :func:`bat_linea
 whenever anything may be tracing: under ``torch.compile``/export, and for fake, meta or other tensor subclasses.
 A plain eager call with ordinary tensors instead goes through :class:`BoneFunction` / :class:`BatFunction`,
 ``torch.autograd.Function`` s that run the very same ``*_impl`` functions, save the same tensors and apply the
-same gradient code below: the custom-op dispatch and ``register_autograd`` machinery cost about 180 us per
-forward+backward on a CPU core (measured: 281 us vs 102 us for a 16 x 64 x 64 layer), which a training step
-pays once per adapted layer. Tests check that both paths give bitwise-identical outputs and gradients.
+same gradient code below: the custom-op dispatch and ``register_autograd`` machinery cost about 55 us per
+forward+backward on one CPU core (bone, x 16 x 64, W 64 x 64, r 16: 160 us vs 105 us, medians of interleaved
+runs of ``python -m bench.overhead``), which a training step pays once per adapted layer. Tests check that both
+paths give bitwise-identical outputs and gradients.
 
 What autograd keeps between forward and backward (besides references to the weight, block and bias
 parameters, which are alive anyway and cost no memory):
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from . import dispatch
 from .backends import OpProblem
-from .backends.pytorch import bat_weight_grad
+from .blockmath import bat_weight_grad
 from .profiling import nvtx_range
 from .validation import delta_dtype
 

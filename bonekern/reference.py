@@ -2,7 +2,7 @@
 
 Plain and readable on purpose: no chunking, no in-place tricks, no fusions. Every function computes in float32, or
 in float64 when any input is float64 (tests call them in float64), and follows PEFT's MiSS semantics
-(``peft/tuners/miss/layer.py``, DESIGN.md section 1). Shapes: x (M, K) or (..., K), weight (N, K),
+(``peft/tuners/miss/layer.py``; docs/math.md, docs/peft-semantics.md). Shapes: x (M, K) or (..., K), weight (N, K),
 block as in :mod:`bonekern.variants`.
 """
 

@@ -41,6 +41,7 @@ from autotune.keys import profile_name
 from autotune.tuner import Runner, structurally_accepted
 
 from .backends import Backend, OpProblem, get_backend
+from .tolerances import AGREEMENT, AGREEMENT_FALLBACK
 
 APP = "bonekern"
 ENV_PREFIX = "BONEKERN"
@@ -51,15 +52,6 @@ LIBRARIES: dict[str, str] = {
     "cupy": "cupy-cuda13x|cupy-cuda12x|cupy",
 }
 """Libraries whose versions are part of every key (short name -> distribution names, first installed wins)."""
-
-AGREEMENT: dict[torch.dtype, float] = {
-    torch.float64: 1e-8,
-    torch.float32: 1e-2,
-    torch.float16: 1e-2,
-    torch.bfloat16: 6e-2,
-}
-"""Largest max|candidate - default| / max|default| a candidate may show while tuning. Loose on purpose (TF32
-and different summation orders are fine); it catches broken configs, not rounding."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -101,12 +93,17 @@ def versions() -> dict[str, str]:
 
 @functools.cache
 def backend_source_hash(name: str) -> str:
-    """Hash of the source of backend ``name``: its module file, or every source file of its package."""
-    module = importlib.import_module(type(get_backend(name)).__module__)
-    path = Path(module.__file__ or "")
-    if not path.is_file():
-        return f"unhashable:{module.__name__}"
-    return hash_sources([path.parent if path.name == "__init__.py" else path])
+    """Hash of the source of backend ``name``: its module file, or every source file of its package, plus the
+    files of its ``shared_source_modules``."""
+    backend = get_backend(name)
+    paths = []
+    for module_name in (type(backend).__module__, *backend.shared_source_modules):
+        module = importlib.import_module(module_name)
+        path = Path(module.__file__ or "")
+        if not path.is_file():
+            return f"unhashable:{module.__name__}"
+        paths.append(path.parent if path.name == "__init__.py" else path)
+    return hash_sources(paths)
 
 
 @functools.cache
@@ -211,7 +208,7 @@ def outputs_agree(reference: object, output: object) -> str | None:
         work = torch.float64 if a.dtype == torch.float64 else torch.float32
         scale = a[finite].to(work).abs().max().item() if finite.any() else 0.0
         err = (a[finite].to(work) - b[finite].to(work)).abs().max().item() if finite.any() else 0.0
-        allowed = AGREEMENT.get(a.dtype, 1e-2) * max(scale, 1e-30)
+        allowed = AGREEMENT.get(a.dtype, AGREEMENT_FALLBACK) * max(scale, 1e-30)
         if err > allowed:
             return f"output {i} differs from the default's by {err:.3g} (allowed {allowed:.3g})"
     return None

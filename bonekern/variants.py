@@ -1,6 +1,6 @@
 """The three Bone variants and their shape rules: the one place where these facts are written down.
 
-Notation used throughout bonekern (see ../shared/DESIGN.md section 1):
+Notation used throughout bonekern (the math per variant: docs/math.md):
 
 - x is ``(..., K)`` and is flattened to ``(M, K)``; the weight W is ``(N, K)`` like ``nn.Linear.weight``;
 - r is the block size; ``G = ceil(K / r)`` is the number of r-wide groups of input features;

@@ -1,7 +1,7 @@
 """Test configuration shared by the whole suite.
 
 - ``TRITON_INTERPRET=1`` is set before anything imports triton, so Triton kernels run on CPU tensors through the
-  interpreter (DESIGN.md section 4). Ahead-of-time compile tests build a fresh JITFunction from ``kernel.fn``.
+  interpreter (docs/testing-without-gpu.md). Ahead-of-time compile tests build a fresh JITFunction from ``kernel.fn``.
 - ``BONEKERN_AUTOTUNE=0`` keeps ``backend="auto"`` on defaults; the autotuner's own tests switch it back on.
 - Tests marked ``gpu`` are skipped, and reported as skipped, where CUDA is absent.
 - Hypothesis runs a derandomised profile in CI (the same examples every run) and a random one elsewhere.

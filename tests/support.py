@@ -9,24 +9,18 @@ import torch
 
 from bonekern import reference
 from bonekern.backends import BACKEND_NAMES, unavailable_reason
+from bonekern.tolerances import TRITON_INTERPRETER_BF16_FACTOR, VS_REFERENCE
 
-TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 2e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
-"""Largest allowed |actual - reference| as a fraction of max |reference|, per compute dtype.
-
-Half precisions allow about two units in the last place of the largest value: one for the final rounding, one
-for intermediate roundings (W' or the adapter term rounded to the input dtype before the GEMM)."""
+TOLERANCE = VS_REFERENCE
+"""Largest allowed |actual - reference| as a fraction of max |reference|, per compute dtype (bonekern.tolerances
+says why each value, and why the tuner and the bench allow more)."""
 
 
 def tolerance(dtype: torch.dtype, backend: str = "torch") -> float:
-    """The tolerance for ``dtype``; the Triton interpreter truncates fp32 -> bf16 (one more ulp, DESIGN.md 4)."""
+    """The tolerance for ``dtype``; bf16 from the Triton interpreter gets one more ulp (it truncates fp32 -> bf16)."""
     tol = TOLERANCE[dtype]
     if backend == "triton" and dtype == torch.bfloat16:
-        tol *= 1.5
+        tol *= TRITON_INTERPRETER_BF16_FACTOR
     return tol
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from bonekern import BoneLinear, bone_linear
 from bonekern.backends import OpProblem, get_backend, unavailable_reason
-from bonekern.backends.cupy import kernels
+from bonekern.backends.cupy import host
 from bonekern.backends.cupy import launcher as launcher_module
 from bonekern.backends.cupy.launcher import CupyLauncher, install_launcher
 from bonekern.backends.pytorch import TorchBackend
@@ -218,12 +218,12 @@ def test_gpu_matches_reference(variant, dtype):
 def test_gpu_kernels_match_the_shim():
     """The same kernel on the GPU and through the CPU shim gives the same numbers (up to summation order)."""
     x = torch.randn(37, 100, dtype=torch.bfloat16)
-    cpu = kernels.group_sum(x, 8, torch.float32)
-    gpu = kernels.group_sum(x.cuda(), 8, torch.float32)
+    cpu = host.group_sum(x, 8, torch.float32)
+    gpu = host.group_sum(x.cuda(), 8, torch.float32)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
     w, b = torch.randn(64, 96), torch.randn(4, 16, 16) * 0.1
-    cpu = kernels.bat_weight_(torch.empty_like(w), w, b, tile="t128x16")
-    gpu = kernels.bat_weight_(torch.empty_like(w.cuda()), w.cuda(), b.cuda(), tile="t128x16")
+    cpu = host.bat_weight_(torch.empty_like(w), w, b, tile="t128x16")
+    gpu = host.bat_weight_(torch.empty_like(w.cuda()), w.cuda(), b.cuda(), tile="t128x16")
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import assert_close_to_reference
 
-from bonekern.backends.cupy import kernels
+from bonekern.backends.cupy import host
 from bonekern.backends.cupy.sources import KERNEL_FILES, TYPE_PAIRS, kernel_names, type_pair
 
 PAIR_IDS = [type_pair(*pair) for pair in TYPE_PAIRS]
@@ -55,7 +55,7 @@ def test_group_sum_all_type_pairs(shim, pair):
     storage, acc = pair
     x = rand(7, 40, dtype=storage)
     for width, vector in ((8, True), (8, False), (5, True), (40, True)):
-        s = kernels.group_sum(x, width, acc, vector=vector)
+        s = host.group_sum(x, width, acc, vector=vector)
         assert s.dtype == acc and s.shape == (7, width)
         expected_variant = "vec16" if vector and width % (16 // x.element_size()) == 0 else "scalar"
         assert last(shim) == [f"bk_group_sum_{type_pair(storage, acc)}_{expected_variant}"]
@@ -77,7 +77,7 @@ def test_group_sum_all_type_pairs(shim, pair):
 )
 def test_group_sum_shapes(shim, m, cols, width, threads):
     x = rand(m, cols)
-    s = kernels.group_sum(x, width, torch.float32, threads_per_row=threads)
+    s = host.group_sum(x, width, torch.float32, threads_per_row=threads)
     assert_close_to_reference(s, ref_group_sum(x, width), torch.float32, f"group_sum {m}x{cols} r={width}")
 
 
@@ -90,14 +90,14 @@ def test_group_sum_strided_and_transposed(shim):
         "expanded": torch.ones(6, 1).expand(6, 20),  # stride 0, as autograd gives for sum().backward()
     }
     for what, x in cases.items():
-        s = kernels.group_sum(x, 4, torch.float32)
+        s = host.group_sum(x, 4, torch.float32)
         assert last(shim)[0].endswith("_scalar"), what
         assert_close_to_reference(s, ref_group_sum(x, 4), torch.float32, what)
     aligned = base[:, :40]  # row stride 50 is not a multiple of 4 floats: must not vectorise
-    kernels.group_sum(aligned, 4, torch.float32)
+    host.group_sum(aligned, 4, torch.float32)
     assert last(shim)[0].endswith("_scalar")
     padded = rand(12, 52)[:, :48]  # row stride 52 floats = 208 bytes, 16-byte aligned: vectorises
-    s = kernels.group_sum(padded, 8, torch.float32)
+    s = host.group_sum(padded, 8, torch.float32)
     assert last(shim)[0].endswith("_vec16")
     assert_close_to_reference(s, ref_group_sum(padded, 8), torch.float32, "aligned view")
 
@@ -106,7 +106,7 @@ def test_group_sum_propagates_nan_and_inf(shim):
     x = rand(3, 12)
     x[0, 5] = float("nan")
     x[1, 2] = float("inf")
-    s = kernels.group_sum(x, 4, torch.float32)
+    s = host.group_sum(x, 4, torch.float32)
     assert s[0, 1].isnan() and s[1, 2] == float("inf")
     assert torch.isfinite(s[2]).all()
 
@@ -124,7 +124,7 @@ def test_add_adapter(shim, pair, tile):
         y = rand(m, n, dtype=storage, seed=1)
         s, d = rand(m, r, dtype=acc, seed=2), rand(r, cols, dtype=acc, seed=3)
         expected = y.double() + s.double() @ d.double().repeat(1, n // cols)
-        out = kernels.add_adapter_(y, s, d, tile=tile)
+        out = host.add_adapter_(y, s, d, tile=tile)
         assert out is y and last(shim) == [f"bk_bone_add_adapter_{type_pair(storage, acc)}_{tile}"]
         assert_close_to_reference(y, expected, storage, f"add_adapter m={m} n={n} r={r} C={cols}")
 
@@ -134,7 +134,7 @@ def test_add_adapter_into_a_row_strided_view(shim):
     before = wide.clone()
     y = wide[:, 5:25]  # (9, 20), row stride 30
     s, d = rand(9, 4, seed=1), rand(4, 10, seed=2)
-    kernels.add_adapter_(y, s, d, tile="t32x32")
+    host.add_adapter_(y, s, d, tile="t32x32")
     expected = before.double()
     expected[:, 5:25] += s.double() @ d.double().repeat(1, 2)
     assert_close_to_reference(wide, expected, torch.float32, "strided y (and its untouched neighbours)")
@@ -148,18 +148,18 @@ def test_add_grouped(shim, pair):
         dx = rand(m, k, dtype=storage, seed=4)
         t = rand(m, r, dtype=acc, seed=5)
         expected = dx.double() + t.double().repeat(1, -(-k // r))[:, :k]
-        kernels.add_grouped_(dx, t)
+        host.add_grouped_(dx, t)
         variant = "vec16" if k % v == 0 and r % v == 0 else "scalar"
         assert last(shim) == [f"bk_bone_add_grouped_{type_pair(storage, acc)}_{variant}"]
         assert_close_to_reference(dx, expected, storage, f"add_grouped m={m} k={k} r={r}")
 
 
 def test_add_grouped_grid_stride_loop(shim, monkeypatch):
-    monkeypatch.setattr(kernels, "MAX_GRID_STRIDE_BLOCKS", 2)  # 2 blocks of 256 threads loop over 37 * 40 / 4
+    monkeypatch.setattr(host, "MAX_GRID_STRIDE_BLOCKS", 2)  # 2 blocks of 256 threads loop over 37 * 40 / 4
     for vector in (True, False):
         dx, t = rand(37, 40), rand(37, 8, seed=1)
         expected = dx.double() + t.double().repeat(1, 5)
-        kernels.add_grouped_(dx, t, vector=vector)
+        host.add_grouped_(dx, t, vector=vector)
         assert last(shim)[0].endswith("vec16" if vector else "scalar")
         assert_close_to_reference(dx, expected, torch.float32, f"grid-stride add_grouped vector={vector}")
 
@@ -193,7 +193,7 @@ def test_bat_weight(shim, pair, tile):
     for count, r, groups in ((3, 4, 5), (2, 1, 7), (1, 17, 2), (2, 33, 3)):
         w = rand(count * r, groups * r, dtype=storage, seed=6)
         b = rand(count, r, r, dtype=acc, seed=7) * r**-0.5
-        out = kernels.bat_weight_(torch.empty_like(w), w, b, tile=tile)
+        out = host.bat_weight_(torch.empty_like(w), w, b, tile=tile)
         assert last(shim) == [f"bk_bat_weight_{type_pair(storage, acc)}_{tile}"]
         assert_close_to_reference(out, ref_bat_weight(w, b), storage, f"bat_weight c={count} r={r} K/r={groups}")
 
@@ -205,7 +205,7 @@ def test_bat_block_grad(shim, pair, tile):
     for count, r, groups, splits in ((3, 4, 5, 1), (2, 1, 40, 3), (1, 17, 2, 2), (2, 33, 3, 1)):
         w = rand(count * r, groups * r, dtype=storage, seed=8)
         g = rand(count * r, groups * r, dtype=acc, seed=9)
-        db = kernels.bat_block_grad(g, w, r, splits=splits, tile=tile)
+        db = host.bat_block_grad(g, w, r, splits=splits, tile=tile)
         assert last(shim) == [f"bk_bat_block_grad_{type_pair(storage, acc)}_{tile}"]
         assert db.shape == (count, r, r) and db.dtype == acc
         assert_close_to_reference(db, ref_bat_block_grad(g, w, r), acc, f"dB c={count} r={r} splits={splits}")
@@ -216,7 +216,7 @@ def test_bat_block_grad_splits_agree(shim):
     w, g = rand(8, 96, seed=10), rand(8, 96, seed=11)
     want = ref_bat_block_grad(g, w, 4)
     for splits in (1, 2, 5, 6, 100):
-        db = kernels.bat_block_grad(g, w, 4, splits=splits, tile="t32x32")
+        db = host.bat_block_grad(g, w, 4, splits=splits, tile="t32x32")
         assert_close_to_reference(db, want, torch.float32, f"splits={splits}")
 
 
@@ -229,7 +229,7 @@ def test_bat_block_grad_splits_agree(shim):
 def test_widening_is_exact_for_every_16_bit_value(shim, dtype):
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
     for acc in (torch.float32, torch.float64):
-        wide = kernels.group_sum(bits, 256, acc)  # one group: a widening copy
+        wide = host.group_sum(bits, 256, acc)  # one group: a widening copy
         expected = bits.to(acc)
         assert torch.equal(wide.isnan(), expected.isnan())
         finite = ~expected.isnan()
@@ -251,7 +251,7 @@ def test_rounding_to_16_bits_matches_torch(shim, dtype):
     values = torch.cat([random_bits.view(torch.float32), halves[torch.isfinite(halves)], edges, -edges])
     t = torch.nn.functional.pad(values, (0, -values.numel() % 8)).reshape(-1, 8)
     out = torch.zeros(t.shape, dtype=dtype)
-    kernels.add_grouped_(out, t)  # out = round(0 + t)
+    host.add_grouped_(out, t)  # out = round(0 + t)
     expected = (t + 0.0).to(dtype)
     assert torch.equal(out.isnan(), expected.isnan())
     finite = ~expected.isnan()

@@ -357,7 +357,7 @@ def _gpu_problem(m: int, n: int, k: int, r: int, dtype: torch.dtype, seed: int =
 @pytest.mark.parametrize("strategy", ["fused", "materialize"])
 def test_gpu_full_size_numerics(strategy):
     """W 4096 x 4096, M 2048, bf16, r 64: forward, dx and dB against float64 on the GPU."""
-    from bonekern.backends.pytorch import bat_block_grad, bat_weight, group_sum
+    from bonekern.blockmath import bat_block_grad, bat_weight, group_sum
 
     m, n, k, r = 2048, 4096, 4096, 64
     x, w, block, bias, dy = _gpu_problem(m, n, k, r, torch.bfloat16)

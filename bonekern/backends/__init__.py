@@ -23,7 +23,7 @@ _LOCATIONS = {
     "torch": ("bonekern.backends.pytorch", "TorchBackend"),
     "triton": ("bonekern.backends.triton", "TritonBackend"),
     "cupy": ("bonekern.backends.cupy", "CupyBackend"),
-    "reference": ("bonekern.backends.reference", "ReferenceBackend"),
+    "reference": ("bonekern.backends.einsum", "ReferenceBackend"),
 }
 
 

@@ -76,6 +76,8 @@ class Backend:
     """
 
     name: ClassVar[str] = ""
+    shared_source_modules: ClassVar[tuple[str, ...]] = ()
+    """Modules outside the backend's own module or package whose code its ops run (hashed into tuning keys)."""
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can run on ``device``, else one sentence that says why not."""

@@ -1,6 +1,8 @@
 """The PyTorch backend: runs everywhere (CPU included), written for speed and memory with plain torch ops.
 
-How it beats PEFT's layer with the same math (DESIGN.md section 2):
+This module holds only the backend (its strategies and configs); the arithmetic it runs is
+:mod:`bonekern.blockmath`. How it beats PEFT's layer with the same math (docs/kernels.md; the numbers are in
+docs/measurements.md):
 
 - bone/mini: S is summed from a strided *view* of x (no padded copy), the adapter term is added into the base
   output in place, and in backward ``dY D^T`` is broadcast-added into ``dY W`` in place; mini multiplies by its
@@ -15,6 +17,9 @@ Strategies (the autotuner times them on the CPU):
   ``"rowchunk"``: build W' ``chunk_blocks`` out-blocks at a time and run one GEMM per chunk, so the transient
   is ``chunk_blocks * r * K`` elements (for GPUs where memory is tight).
 - ``chunk_blocks`` also sets how many out-blocks of G the backward forms at once.
+
+The default chunk sizes below are this backend's own training-time choices, not
+:func:`bonekern.blockmath.merge_chunk_blocks` (a memory bound for merge/unmerge).
 """
 
 from __future__ import annotations
@@ -22,157 +27,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..blockmath import (
+    add_grouped_,
+    add_repeated_,
+    bat_block_grad,
+    bat_weight,
+    build_bat_weight_,
+    fold_repeats,
+    group_sum,
+)
 from ..validation import delta_dtype
 from .base import Backend, Config, OpProblem
 
-# ----------------------------------------------------------------------------------------------------------
-# Building blocks, shared with bonekern.functional (merge/unmerge) and the GEMM parts of other backends.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def group_sum(x: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
-    """S (M, r) in ``dtype``: sum of x's r-wide column groups, the last one zero-padded (PEFT's padding).
-
-    Reads x through views (works for any strides); never forms a padded copy.
-    """
-    m, k = x.shape
-    full = k // r
-    if full > 0:
-        s = x[:, : full * r].unflatten(1, (full, r)).sum(dim=1, dtype=dtype)
-    else:
-        s = x.new_zeros(m, r, dtype=dtype)
-    rem = k - full * r
-    if rem:
-        s[:, :rem] += x[:, full * r :]
-    return s
-
-
-def add_grouped_(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """In place: out[:, k] += t[:, k % r] for out (M, K) and t (M, r); the inverse pattern of :func:`group_sum`."""
-    k = out.shape[1]
-    r = t.shape[1]
-    full = k // r
-    if full > 0:
-        out[:, : full * r].unflatten(1, (full, r)).add_(t[:, None, :])
-    rem = k - full * r
-    if rem:
-        out[:, full * r :] += t[:, :rem]
-    return out
-
-
-def add_repeated_(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """In place: out[:, n] += t[:, n % C] for out (M, N) and t (M, C) with C | N (mini's repeats)."""
-    cols = t.shape[1]
-    out.unflatten(1, (out.shape[1] // cols, cols)).add_(t[:, None, :])
-    return out
-
-
-def fold_repeats(dy: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """(M, N) -> (M, C) in ``dtype``: sums the N // C repeats of mini's block (identity cast for bone)."""
-    n = dy.shape[1]
-    if cols == n:
-        return dy.to(dtype)
-    return dy.unflatten(1, (n // cols, cols)).sum(dim=1, dtype=dtype)
-
-
-def _blocks_view(weight: torch.Tensor, r: int) -> torch.Tensor:
-    """W (N, K) -> (N // r, K, r) view: element [i, p * (K // r) + j, s] = W[i*r + p, j*r + s]."""
-    n, k = weight.shape
-    return weight.view(n // r, k, r)
-
-
-def build_bat_weight_(
-    out: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, first_block: int = 0
-) -> torch.Tensor:
-    """Write W' rows for out-blocks ``first_block .. first_block + out.shape[0] // r`` into ``out``.
-
-    W'_ij = W_ij (I + B_i) + B_i, computed in the delta dtype and stored in out's dtype.
-    out: (c * r, K) contiguous; weight: (N, K) contiguous; block: (N // r, r, r).
-    """
-    r = block.shape[-1]
-    count = out.shape[0] // r
-    dtype = delta_dtype(weight.dtype, block.dtype)
-    w = _blocks_view(weight, r)[first_block : first_block + count].to(dtype)
-    b = block[first_block : first_block + count].to(dtype)
-    k = weight.shape[1]
-    if out.dtype == dtype:
-        built = torch.baddbmm(w, w, b, out=out.view(count, k, r))
-    else:
-        built = torch.baddbmm(w, w, b)
-    built.view(count, r, k // r, r).add_(b[:, :, None, :])
-    if out.dtype != dtype:
-        out.view(count, k, r).copy_(built)
-    return out
-
-
-def bat_weight(weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype, chunk_blocks: int = 0) -> torch.Tensor:
-    """The whole W' (N, K) in ``dtype``, built ``chunk_blocks`` out-blocks at a time (0: all at once).
-
-    Chunking bounds the float32 temporary when ``dtype`` is half precision.
-    """
-    weight = weight.contiguous()
-    n, k = weight.shape
-    r = block.shape[-1]
-    blocks = n // r
-    step = blocks if chunk_blocks <= 0 else chunk_blocks
-    out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    for i0 in range(0, blocks, step):
-        i1 = min(blocks, i0 + step)
-        build_bat_weight_(out[i0 * r : i1 * r], weight, block, i0)
-    return out
-
-
-def bat_block_grad(
-    dy_rows: torch.Tensor,
-    x_c: torch.Tensor,
-    s_x: torch.Tensor,
-    weight_rows: torch.Tensor,
-    r: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """dB for a run of out-blocks: dB_i = sum_j (W_ij + I)^T G_ij with G = dY_rows^T x (formed here, then dropped).
-
-    The identity part, sum_j G_ij, equals dY_i^T S with S = group_sum(x): a rank-r product instead of a pass
-    over G. dy_rows: (M, c*r) columns of dY for those out-blocks; x_c: (M, K) and s_x: (M, r), both in
-    ``dtype``; weight_rows: (c*r, K) contiguous. Returns (c, r, r) in ``dtype``.
-    """
-    count = dy_rows.shape[1] // r
-    k = x_c.shape[1]
-    dy_t = dy_rows.t().to(dtype)
-    g = torch.mm(dy_t, x_c).view(count, k, r)  # rows (p, j), columns q
-    w = _blocks_view(weight_rows, r).to(dtype)  # rows (p, j), columns s
-    db = torch.bmm(w.transpose(1, 2), g)
-    db += torch.mm(dy_t, s_x).view(count, r, r)
-    return db
-
-
-def bat_weight_grad(dy: torch.Tensor, x: torch.Tensor, block: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
-    """dW for bat when the weight is trainable: dW_ij = G_ij (I + B_i)^T with G = dY^T x. Returns (N, K)."""
-    dtype = delta_dtype(dy.dtype, block.dtype)
-    r = block.shape[-1]
-    g = torch.mm(dy.t().to(dtype), x.to(dtype))
-    n, k = g.shape
-    eye_plus_b = block.to(dtype) + torch.eye(r, dtype=dtype, device=block.device)
-    dw = torch.bmm(g.view(n // r, k, r), eye_plus_b.transpose(1, 2))
-    return dw.view(n, k).to(weight_dtype)
+FORWARD_CHUNK_ROWS = 512
+"""Rows of W' the default bat forward builds and multiplies at once ("rowchunk"). Measured, not derived: see
+:meth:`TorchBackend.default_config`."""
 
 
 def _default_chunk_blocks(problem: OpProblem) -> int:
-    """About 16 MiB of fp32 per chunk of G / W' rows: large enough for efficient GEMMs, small enough to bound memory."""
+    """Out-blocks per chunk of the default bat backward: about 16 MiB of fp32 per chunk of G / W' rows.
+
+    A heuristic (large enough for efficient GEMMs, small enough that a chunk of W' rows stays in cache between its
+    use by dx and by dB), separate from the forward's measured :data:`FORWARD_CHUNK_ROWS` and from
+    :func:`bonekern.blockmath.merge_chunk_blocks`; the autotuner refines it per shape.
+    """
     blocks = problem.n // problem.r
     rows = max(problem.r, (16 << 20) // (4 * max(problem.k, problem.m, 1)))
     return max(1, min(blocks, rows // problem.r))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The backend.
-# ----------------------------------------------------------------------------------------------------------
 
 
 class TorchBackend(Backend):
     """Plain PyTorch; available on every device torch supports."""
 
     name = "torch"
+    shared_source_modules = ("bonekern.blockmath",)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
@@ -185,7 +73,7 @@ class TorchBackend(Backend):
         # reused from cache by dx and by dB). The autotuner refines both per shape.
         if problem.op == "bat_forward":
             blocks = problem.n // problem.r
-            return {"strategy": "rowchunk", "chunk_blocks": max(1, min(blocks, 512 // problem.r))}
+            return {"strategy": "rowchunk", "chunk_blocks": max(1, min(blocks, FORWARD_CHUNK_ROWS // problem.r))}
         if problem.op == "bat_backward":
             return {"strategy": "rowchunk", "chunk_blocks": _default_chunk_blocks(problem)}
         return {}

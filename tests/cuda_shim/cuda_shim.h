@@ -1,6 +1,6 @@
 // The CUDA host shim: lets g++ -fopenmp compile bonekern's .cu files unchanged and run their kernels on CPU memory.
 //
-// Execution model (DESIGN.md section 4):
+// Execution model (docs/testing-without-gpu.md):
 //   - one launch = one OpenMP parallel region with exactly blockDim.x * blockDim.y * blockDim.z threads; each
 //     OpenMP thread is one CUDA thread (threadIdx is thread_local);
 //   - the grid's blocks run one after another inside that region, separated by a barrier (blockIdx is per thread);

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ...validation import delta_dtype
 from ..base import Backend, Config, OpProblem
-from . import kernels
+from . import host
 from .launcher import launcher_for
 from .sources import tile_shape
 
@@ -63,6 +63,7 @@ class CupyBackend(Backend):
     """CUDA C++ kernels through CuPy; available on CUDA devices when CuPy (with NVRTC) imports."""
 
     name = "cupy"
+    shared_source_modules = ("bonekern.backends.cupy",)  # the whole package: host.py, sources.py, kernels/*.cu
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         launcher = launcher_for(device)
@@ -129,11 +130,11 @@ class CupyBackend(Backend):
     def bone_forward(self, x, weight, block, bias, config):
         r = block.shape[0]
         acc = delta_dtype(x.dtype, block.dtype)
-        s = kernels.group_sum(
+        s = host.group_sum(
             x, r, acc, vector=config.get("vector", True), threads_per_row=config.get("threads_per_row", 0)
         )
         y = F.linear(x, weight, bias)
-        kernels.add_adapter_(y, s, block.to(acc).contiguous(), tile=config.get("tile", "t64x64"))
+        host.add_adapter_(y, s, block.to(acc).contiguous(), tile=config.get("tile", "t64x64"))
         return y, s
 
     def bone_backward(self, dy, s, weight, block, need_dx, need_dblock, config):
@@ -146,7 +147,7 @@ class CupyBackend(Backend):
         t = dblock = dx = None
         if cols < n or dy.dtype == acc:
             # mini: fold dY over the N / C repeats (the "mini reduction"); bone at full precision: dY itself.
-            dy_f = kernels.group_sum(dy, cols, acc, vector=vector, threads_per_row=threads) if cols < n else dy
+            dy_f = host.group_sum(dy, cols, acc, vector=vector, threads_per_row=threads) if cols < n else dy
             if need_dx:
                 t = torch.mm(dy_f, d.t())
             if need_dblock:
@@ -158,14 +159,14 @@ class CupyBackend(Backend):
             dblock = torch.empty(block.shape, dtype=acc, device=dy.device) if need_dblock else None
             for c0 in range(0, n, chunk):
                 c1 = min(n, c0 + chunk)
-                dy_c = kernels.group_sum(dy[:, c0:c1], c1 - c0, acc, vector=vector, threads_per_row=threads)
+                dy_c = host.group_sum(dy[:, c0:c1], c1 - c0, acc, vector=vector, threads_per_row=threads)
                 if need_dx:
                     t.addmm_(dy_c, d[:, c0:c1].t())
                 if need_dblock:
                     dblock[:, c0:c1] = torch.mm(s.t(), dy_c)
         if need_dx:
             dx = torch.mm(dy, weight)
-            kernels.add_grouped_(dx, t.contiguous(), vector=vector)
+            host.add_grouped_(dx, t.contiguous(), vector=vector)
         if dblock is not None:
             dblock = dblock.to(block.dtype)
         return dx, dblock
@@ -180,14 +181,14 @@ class CupyBackend(Backend):
         blocks = block.shape[0]
         tile = config.get("weight_tile", "t64x64")
         if config.get("strategy", "materialize") == "materialize":
-            w_prime = kernels.bat_weight_(torch.empty_like(weight), weight, b, tile=tile)
+            w_prime = host.bat_weight_(torch.empty_like(weight), weight, b, tile=tile)
             return F.linear(x, w_prime, bias)
         chunk = max(1, int(config.get("chunk_blocks", blocks)))
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         for i0 in range(0, blocks, chunk):
             i1 = min(blocks, i0 + chunk)
             rows = slice(i0 * r, i1 * r)
-            w_rows = kernels.bat_weight_(torch.empty_like(weight[rows]), weight[rows], b[i0:i1], tile=tile)
+            w_rows = host.bat_weight_(torch.empty_like(weight[rows]), weight[rows], b[i0:i1], tile=tile)
             y[:, rows] = F.linear(x, w_rows, None if bias is None else bias[rows])
         return y
 
@@ -201,20 +202,20 @@ class CupyBackend(Backend):
         dx = dblock = None
         materialize = config.get("strategy", "rowchunk") == "materialize"
         if need_dx and materialize:
-            dx = torch.mm(dy, kernels.bat_weight_(torch.empty_like(weight), weight, b, tile=weight_tile))
+            dx = torch.mm(dy, host.bat_weight_(torch.empty_like(weight), weight, b, tile=weight_tile))
         if not (need_dblock or (need_dx and not materialize)):
             return dx, dblock
         if need_dblock:
             dblock = torch.empty(block.shape, dtype=acc, device=block.device)
             x_for_g = x if _mm_widens(x, acc) else x.to(acc)
-            s_x = kernels.group_sum(x, r, acc, vector=config.get("vector", True))
+            s_x = host.group_sum(x, r, acc, vector=config.get("vector", True))
         chunk = max(1, int(config.get("chunk_blocks", blocks)))
         for i0 in range(0, blocks, chunk):
             i1 = min(blocks, i0 + chunk)
             rows = slice(i0 * r, i1 * r)
             w_rows = weight[rows]
             if need_dx and not materialize:
-                w_prime_rows = kernels.bat_weight_(torch.empty_like(w_rows), w_rows, b[i0:i1], tile=weight_tile)
+                w_prime_rows = host.bat_weight_(torch.empty_like(w_rows), w_rows, b[i0:i1], tile=weight_tile)
                 if dx is None:
                     dx = torch.mm(dy[:, rows], w_prime_rows)
                 else:
@@ -223,7 +224,7 @@ class CupyBackend(Backend):
             if need_dblock:
                 dy_t = dy[:, rows].t()
                 g = _mm_acc(dy_t, x_for_g, acc)
-                dblock[i0:i1] = kernels.bat_block_grad(
+                dblock[i0:i1] = host.bat_block_grad(
                     g, w_rows, r, splits=int(config.get("splits", 1)), tile=config.get("grad_tile", "t64x64")
                 )
                 del g

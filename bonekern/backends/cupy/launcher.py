@@ -1,6 +1,6 @@
 """How a kernel launch reaches a device: the launcher abstraction and its CuPy implementation.
 
-The host code (:mod:`.kernels`) computes a launch -- source file, kernel name, grid, block, arguments -- and hands it
+The host code (:mod:`.host`) computes a launch -- source file, kernel name, grid, block, arguments -- and hands it
 to the :class:`Launcher` registered for the tensors' device type. On CUDA that is :class:`CupyLauncher`: each ``.cu``
 file is compiled by :func:`.nvrtc.nvrtc_compile` for the device's ``sm_XY`` (once per process and architecture;
 the cubin is also cached on disk, keyed by source, options, NVRTC version and architecture), loaded per device with

@@ -1,7 +1,7 @@
 // Group sums: out[m, c] = sum over g of in[m, g * width + c] for c < width, in the accumulation type, reading `in`
 // through any (row, column) strides; columns past the end count as zero.
 //
-// Used three ways by bonekern/backends/cupy/kernels.py:
+// Used three ways by bonekern/backends/cupy/host.py:
 //   - Bone's S = group_sum(x, r): the r-wide groups of x, the last one zero-padded like PEFT (K % r != 0);
 //   - mini's fold of dY over the N / C repeats of its block: dY_folded = group_sum(dY, C);
 //   - a widening copy (width = columns, one group) of a column chunk of dY for Bone's backward.

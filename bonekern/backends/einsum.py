@@ -1,5 +1,8 @@
 """``backend="reference"``: the einsum references of :mod:`bonekern.reference` behind the backend contract.
 
+(The module is named for what it runs, einsums, so that :mod:`bonekern.reference` -- the specification, part of
+the public API -- is the only ``reference`` module.)
+
 Slow and memory-hungry by design (it materialises W' and G); it exists so the specification itself runs
 through the same custom ops, autograd and saved-tensor contract as the fast backends.
 """

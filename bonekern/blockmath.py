@@ -1,0 +1,221 @@
+"""The block arithmetic bonekern's fast paths share, written with plain torch ops.
+
+Not the specification (that is :mod:`bonekern.reference`, einsums in float64): these are the memory-aware forms
+the torch backend runs, that :mod:`bonekern.functional` merges and unmerges with, that :mod:`bonekern.ops` uses
+for bat's weight gradient and that :mod:`bonekern.tuning` uses to build backward arguments. The math behind
+each function is in docs/math.md.
+
+Notation: x (M, K), W (N, K), dY (M, N); r the block size. bone/mini: block D (r, C) with C | N; S (M, r) the
+sums of x's r-wide column groups. bat: block B (N // r, r, r); W_ij the r x r block of W at out-block i, in-block
+j; ``W'_ij = W_ij (I + B_i) + B_i``; G = dY^T x (N, K).
+
+Bat's block view: a contiguous W (N, K) viewed as (N // r, K, r) -- :func:`blocks_view`, free -- has rows
+(p, j) and columns s: element ``[i, p * (K // r) + j, s] = W[i*r + p, j*r + s]``, so ``W_ij B_i`` for every j is
+one GEMM per out-block: a single ``bmm`` over all out-blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import delta_dtype
+
+MERGE_CHUNK_ROWS = 4096
+"""Rows of W' that :func:`bat_weight` and :func:`bat_unmerge` handle at once for merge, unmerge and delta_weight;
+see :func:`merge_chunk_blocks`."""
+
+
+def merge_chunk_blocks(r: int) -> int:
+    """Out-blocks per chunk when bat's W' is built or inverted whole (merge, unmerge, delta_weight): about
+    :data:`MERGE_CHUNK_ROWS` rows, at least one out-block.
+
+    Why chunk: the delta-dtype temporaries (W' rows in float32 for a half-precision weight, the unmerge's
+    ``W'_ij - B_i``) then hold at most 4096 x K elements (64 MiB at K = 4096 in float32) instead of N x K. Why
+    4096: a memory bound, not a measured speed optimum (a merge runs once per layer, and every chunk is still
+    one batched GEMM over 4096 / r out-blocks). The torch backend's training-time chunks are a separate,
+    measured choice (see :mod:`bonekern.backends.pytorch`).
+    """
+    return max(1, MERGE_CHUNK_ROWS // r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Group sums and grouped adds (bone / mini).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def group_sum(x: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """S (M, r) in ``dtype``: the sum of x's (M, K) r-wide column groups, the last one zero-padded (PEFT's padding).
+
+    Reads x through views (works for any strides); never forms a padded copy.
+    """
+    m, k = x.shape
+    full = k // r
+    if full > 0:
+        s = x[:, : full * r].unflatten(1, (full, r)).sum(dim=1, dtype=dtype)
+    else:
+        s = x.new_zeros(m, r, dtype=dtype)
+    rem = k - full * r
+    if rem:
+        s[:, :rem] += x[:, full * r :]
+    return s
+
+
+def add_grouped_(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """In place: ``out[:, k] += t[:, k % r]`` for out (M, K) and t (M, r); the transpose of :func:`group_sum`.
+
+    Bone's dx epilogue: ``dx += (dY D^T)[:, k % r]``. Returns ``out``.
+    """
+    k = out.shape[1]
+    r = t.shape[1]
+    full = k // r
+    if full > 0:
+        out[:, : full * r].unflatten(1, (full, r)).add_(t[:, None, :])
+    rem = k - full * r
+    if rem:
+        out[:, full * r :] += t[:, :rem]
+    return out
+
+
+def add_repeated_(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """In place: ``out[:, n] += t[:, n % C]`` for out (M, N) and t (M, C) with C | N (mini's repeated block).
+
+    Mini's forward adds ``S Dm`` (M, C) this way, never forming the repeated (r, N) block. Returns ``out``.
+    """
+    cols = t.shape[1]
+    out.unflatten(1, (out.shape[1] // cols, cols)).add_(t[:, None, :])
+    return out
+
+
+def fold_repeats(dy: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """dY (M, N) -> (M, C) in ``dtype``: the sum of the N // C repeats of mini's block (a cast for bone, C == N).
+
+    The transpose of :func:`add_repeated_`: mini's ``dDm = S^T fold(dY)`` and ``dY D^T = fold(dY) Dm^T``.
+    """
+    n = dy.shape[1]
+    if cols == n:
+        return dy.to(dtype)
+    return dy.unflatten(1, (n // cols, cols)).sum(dim=1, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bat: W', its gradients, its inverse.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def blocks_view(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """Contiguous W (N, K) -> the free view (N // r, K, r), element ``[i, p * (K // r) + j, s] = W[i*r + p, j*r + s]``.
+
+    Rows (p, j), columns s: ``blocks_view(W)[i] @ B_i`` is ``W_ij B_i`` for every in-block j at once.
+    """
+    n, k = weight.shape
+    return weight.view(n // r, k, r)
+
+
+def build_bat_weight_(
+    out: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, first_block: int = 0
+) -> torch.Tensor:
+    """Write the W' rows of out-blocks ``first_block .. first_block + out.shape[0] // r`` into ``out``; returns it.
+
+    ``W'_ij = W_ij (I + B_i) + B_i``, computed in the delta dtype (float32, or float64) and stored in out's dtype.
+    out: (c * r, K) contiguous; weight: (N, K) contiguous; block: (N // r, r, r).
+    """
+    r = block.shape[-1]
+    count = out.shape[0] // r
+    dtype = delta_dtype(weight.dtype, block.dtype)
+    w = blocks_view(weight, r)[first_block : first_block + count].to(dtype)
+    b = block[first_block : first_block + count].to(dtype)
+    k = weight.shape[1]
+    if out.dtype == dtype:
+        built = torch.baddbmm(w, w, b, out=out.view(count, k, r))
+    else:
+        built = torch.baddbmm(w, w, b)
+    built.view(count, r, k // r, r).add_(b[:, :, None, :])
+    if out.dtype != dtype:
+        out.view(count, k, r).copy_(built)
+    return out
+
+
+def bat_weight(weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype, chunk_blocks: int = 0) -> torch.Tensor:
+    """The whole W' (N, K) in ``dtype`` from weight (N, K) and block (N // r, r, r).
+
+    Built ``chunk_blocks`` out-blocks at a time (0: all at once); chunking bounds the delta-dtype temporary when
+    ``dtype`` is half precision (see :func:`merge_chunk_blocks`).
+    """
+    weight = weight.contiguous()
+    n, k = weight.shape
+    r = block.shape[-1]
+    blocks = n // r
+    step = blocks if chunk_blocks <= 0 else chunk_blocks
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    for i0 in range(0, blocks, step):
+        i1 = min(blocks, i0 + step)
+        build_bat_weight_(out[i0 * r : i1 * r], weight, block, i0)
+    return out
+
+
+def bat_block_grad(
+    dy_rows: torch.Tensor,
+    x_c: torch.Tensor,
+    s_x: torch.Tensor,
+    weight_rows: torch.Tensor,
+    r: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """dB (c, r, r) in ``dtype`` for a run of c out-blocks: ``dB_i = sum_j (W_ij + I)^T G_ij`` with G = dY^T x.
+
+    G's rows for these out-blocks (c*r, K) are formed here and dropped. The identity part, ``sum_j G_ij``, equals
+    ``dY_i^T S`` with ``S = group_sum(x)``: a rank-r product instead of a pass over G. dy_rows: (M, c*r), the
+    columns of dY for those out-blocks; x_c: (M, K) and s_x: (M, r), both in ``dtype``; weight_rows: (c*r, K)
+    contiguous.
+    """
+    count = dy_rows.shape[1] // r
+    k = x_c.shape[1]
+    dy_t = dy_rows.t().to(dtype)
+    g = torch.mm(dy_t, x_c).view(count, k, r)  # rows (p, j), columns q
+    w = blocks_view(weight_rows, r).to(dtype)  # rows (p, j), columns s
+    db = torch.bmm(w.transpose(1, 2), g)
+    db += torch.mm(dy_t, s_x).view(count, r, r)
+    return db
+
+
+def bat_weight_grad(dy: torch.Tensor, x: torch.Tensor, block: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """dW (N, K) in ``weight_dtype`` for bat when the weight is trainable: ``dW_ij = G_ij (I + B_i)^T``, G = dY^T x.
+
+    dy: (M, N), x: (M, K), block: (N // r, r, r); computed in the delta dtype.
+    """
+    dtype = delta_dtype(dy.dtype, block.dtype)
+    r = block.shape[-1]
+    g = torch.mm(dy.t().to(dtype), x.to(dtype))
+    n, k = g.shape
+    eye_plus_b = block.to(dtype) + torch.eye(r, dtype=dtype, device=block.device)
+    dw = torch.bmm(g.view(n // r, k, r), eye_plus_b.transpose(1, 2))
+    return dw.view(n, k).to(weight_dtype)
+
+
+def bat_unmerge(
+    merged_weight: torch.Tensor, block: torch.Tensor, dtype: torch.dtype, chunk_blocks: int
+) -> torch.Tensor:
+    """W (N, K) in the merged weight's dtype from W' (N, K): ``W_ij = (W'_ij - B_i)(I + B_i)^{-1}``.
+
+    The inverses (N // r, r, r) are computed in ``dtype`` (the delta dtype); the rows are handled ``chunk_blocks``
+    out-blocks at a time. Raises ValueError naming the out-blocks whose ``I + B_i`` is singular.
+    """
+    r = block.shape[-1]
+    n, k = merged_weight.shape
+    eye_plus_b = block.to(dtype) + torch.eye(r, dtype=dtype, device=block.device)
+    inverse, info = torch.linalg.inv_ex(eye_plus_b)
+    singular = torch.nonzero(info).flatten().tolist()
+    if singular:
+        raise ValueError(
+            f"block: I + B_i is singular for out-block(s) {singular[:8]}; a bat merge with this block cannot be undone"
+        )
+    out = torch.empty_like(merged_weight)
+    blocks = n // r
+    wm = merged_weight.contiguous()
+    for i0 in range(0, blocks, chunk_blocks):
+        i1 = min(blocks, i0 + chunk_blocks)
+        # the merged rows in the (p, j) x s layout of blocks_view, minus B_i broadcast over j
+        rows = wm[i0 * r : i1 * r].view(i1 - i0, r, k // r, r).to(dtype) - block[i0:i1, :, None, :].to(dtype)
+        w = torch.bmm(rows.view(i1 - i0, k, r), inverse[i0:i1])
+        out[i0 * r : i1 * r] = w.view(-1, k).to(merged_weight.dtype)
+    return out
