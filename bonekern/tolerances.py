@@ -2,7 +2,7 @@
 
 Three comparisons use it, and they need different numbers because they compare different things:
 
-- ``vs_reference`` (the test suite, ``tests/support.py``): one implementation against the float64 einsum
+- ``vs_reference`` (the test suite, ``tests/support/``): one implementation against the float64 einsum
   reference, on small test shapes. Measure: max |actual - reference| / max |reference|. The reference is exact
   for our purposes, so this is the error of one implementation: in half precision about two units in the last
   place of the largest value (one for the final rounding, one for intermediate roundings: W' or the adapter term

@@ -5,7 +5,7 @@
 - ``BONEKERN_AUTOTUNE=0`` keeps ``backend="auto"`` on defaults; the autotuner's own tests switch it back on.
 - Tests marked ``gpu`` are skipped, and reported as skipped, where CUDA is absent.
 - Hypothesis runs a derandomised profile in CI (the same examples every run) and a random one elsewhere.
-- The CUDA host shim (tests/cuda_shim) is installed as the CuPy backend's launcher for CPU tensors, so
+- The CUDA host shim (tests/cupy/cuda_shim) is installed as the CuPy backend's launcher for CPU tensors, so
   ``backend="cupy"`` runs its real kernels on the CPU in every test; it is built by g++ on first use and a build
   failure fails those tests (it is never skipped).
 """
@@ -17,10 +17,11 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("BONEKERN_AUTOTUNE", "0")
 
-import cuda_shim
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from tests.cupy import cuda_shim
 
 settings.register_profile(
     "ci",

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import (
+
+from tests.support import (
     assert_close_to_reference,
     backend_or_skip,
     check_against_reference,

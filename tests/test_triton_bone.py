@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_close_to_reference, backend_or_skip, check_against_reference, make_problem
 
 from bonekern import reference
 from bonekern.backends import OpProblem
 from bonekern.backends.triton import configs
+from tests.support import assert_close_to_reference, backend_or_skip, check_against_reference, make_problem
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 

@@ -9,7 +9,7 @@ the cubin is also cached on disk, keyed by source, options, NVRTC version and ar
 
 Arguments are torch tensors (passed as device pointers) and Python ints (passed as 64-bit integers); every kernel
 takes exactly these two kinds. The test suite registers a launcher for ``"cpu"`` that compiles the same sources with
-the host shim (tests/cuda_shim), which is how the whole backend runs, and is tested, without a GPU.
+the host shim (tests/cupy/cuda_shim), which is how the whole backend runs, and is tested, without a GPU.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 // Every .cu file in this directory compiles three ways, from the same text:
 //   - NVRTC (what CuPy uses at run time; bonekern/backends/cupy/compile.py for ahead-of-time checks),
 //   - nvcc (`nvcc -cubin -arch=sm_90 -std=c++17 -I<this dir> file.cu`),
-//   - g++ with the host shim (tests/cuda_shim/cuda_shim.h), which runs each CUDA thread of a block as an OpenMP
+//   - g++ with the host shim (tests/cupy/cuda_shim/cuda_shim.h), which runs each CUDA thread of a block as an OpenMP
 //     thread so the tests can execute the kernels on CPU memory.
 // So: no CUDA headers (NVRTC would need the toolkit's include dir; everything needed is defined here), no warp
 // intrinsics, no tensor cores. The only device-only code is the fp16 conversion, which uses PTX `cvt` on the GPU
@@ -15,7 +15,7 @@
 #pragma once
 
 #if !defined(__CUDACC__) && !defined(BK_HOST_SHIM)
-#error "compile with NVRTC or nvcc, or include tests/cuda_shim/cuda_shim.h first"
+#error "compile with NVRTC or nvcc, or include tests/cupy/cuda_shim/cuda_shim.h first"
 #endif
 
 // Checks that the host shim enforces (it records a failure the test suite raises); free on the GPU.

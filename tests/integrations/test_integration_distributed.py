@@ -1,0 +1,89 @@
+"""DistributedDataParallel and FSDP2 (``fully_shard``) over two CPU processes (gloo) train bonekern models,
+BoneLinear in all variants and an accelerated PEFT MiSS Llama, with the same gradients as one process.
+
+The ranks run tests/integrations/distributed_worker.py; this process computes the single-process reference on the
+full batch and compares. Bounded: a file store (no ports to pick), a 60 s collective timeout in the workers and a deadline
+here after which the workers are killed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.support import assert_close_to_reference
+
+pytest.importorskip("peft", reason="needs the peft package (pip install 'bonekern[peft]')")
+pytest.importorskip("transformers", reason="needs the transformers package (pip install 'bonekern[peft]')")
+
+from tests.integrations import distributed_worker as worker
+
+WORLD = 2
+DEADLINE_S = 240
+
+
+def run_workers(out_dir) -> list[dict]:
+    context = mp.start_processes(
+        worker.main, args=(WORLD, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def one_process(model, loss_fn, *batch) -> dict:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = loss_fn(model, *batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in params.items()}
+    torch.optim.SGD(params.values(), lr=worker.LR).step()
+    return {"loss": loss.detach(), "grads": grads, "params": {n: p.detach().clone() for n, p in params.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_ddp_and_fsdp2_match_one_process(tmp_path):
+    ranks = run_workers(tmp_path)
+
+    x, target = worker.bone_net_batch(WORLD)
+    references = {"bonenet": one_process(worker.bone_net(), worker.bone_net_loss, x, target)}
+    references["llama"] = one_process(worker.llama(), worker.llama_loss, worker.llama_batch(WORLD))
+
+    for case in ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2", "llama-fsdp2-late"):
+        reference = references[case.split("-")[0]]
+        mean_loss = sum(r[case]["loss"] for r in ranks) / WORLD
+        assert_close_to_reference(mean_loss, reference["loss"], torch.float32, f"{case} loss")
+        for rank, result in enumerate(ranks):
+            assert result[case]["grads"].keys() == reference["grads"].keys(), case
+            for name, grad in reference["grads"].items():
+                assert_close_to_reference(
+                    result[case]["grads"][name], grad, torch.float32, f"{case} rank {rank} d{name}"
+                )
+                param = reference["params"][name]
+                assert_close_to_reference(
+                    result[case]["params"][name], param, torch.float32, f"{case} rank {rank} {name}"
+                )
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    for result in ranks:
+        assert result["bonekern_calls"] == 2 * 14  # every MiSS layer ran bonekern under DDP and FSDP2
+        assert result["bonekern_calls_late"] == 14
+        assert "14 of 14 MiSS layers switched" in result["late_report"]
+        classes = result["classes"]
+        assert classes["accelerated_then_sharded"] == "FSDPBonekernMissLinear"
+        assert classes["restored"] == 14
+        assert classes["restored_class"] == "FSDPBonekernMissLinear"  # FSDP's class kept ...
+        assert classes["restored_backend"] is None  # ... and switched off: PEFT's forward
+        kept = classes["sharded_then_accelerated_kept"]
+        assert list(kept) == [q_proj] and "call accelerate first" in kept[q_proj]
