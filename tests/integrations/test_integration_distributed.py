@@ -2,8 +2,8 @@
 BoneLinear in all variants and an accelerated PEFT MiSS Llama, with the same gradients as one process.
 
 The ranks run tests/integrations/distributed_worker.py; this process computes the single-process reference on the
-full batch and compares. Bounded: a file store (no ports to pick), a 60 s collective timeout in the workers and a deadline
-here after which the workers are killed.
+full batch and compares. Bounded: a file store (no ports to pick), a 60 s collective timeout in the workers and a
+deadline here after which the workers are killed.
 """
 
 from __future__ import annotations
