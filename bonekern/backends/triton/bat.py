@@ -9,7 +9,7 @@ Kernels (one launch each; all accumulate in fp32, in fp64 when x or the block is
 - ``_bat_gemm_kernel``: ``C = A @ op(W')``, ``op`` a transpose for the forward (``y = x W'^T + b``, bias in the
   epilogue) and the identity for ``dx = dY W'``. With ``FUSED`` it forms each W' tile from W and B right before
   the tile's ``tl.dot`` (strategy "fused"); without, it is a plain tiled GEMM on a W' that
-  :func:`materialize_weight` wrote (strategy "materialize" with ``gemm="triton"``).
+  ``_bat_build_kernel`` wrote (strategy "materialize" with ``gemm="triton"``).
 - ``_bat_build_kernel``: writes W' (N, K) in x's dtype, one tile per program (strategy "materialize"). The GEMM
   after it is cuBLAS (``F.linear`` / ``torch.mm``) by default: NVIDIA's per-shape tuned kernels are the bar a
   plain Triton GEMM can at best meet; the Triton GEMM is a config option for the autotuner.
