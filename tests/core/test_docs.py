@@ -18,13 +18,6 @@ OUTSIDE = re.compile(r"DESIGN\.md|\.\./shared\b|/work/shared")
 CITED_PAGE = re.compile(r"\bdocs/([\w.-]+\.md)\b")
 LINKED_PAGE = re.compile(r"\]\(([\w.-]+\.md)\)")
 
-PENDING_ELSEWHERE = {
-    "bonekern/backends/triton/bat.py",
-    "bonekern/backends/triton/bone.py",
-    "bonekern/backends/triton/common.py",
-}
-"""Files that still cite the outside notes on this branch because another branch of issue 15 rewrites them (the
-Triton backend's); once merged, a file listed here that no longer cites them fails the test: delete the entry."""
 
 _SKIP_DIRS = {".git", ".venv", ".hypothesis", ".pytest_cache", ".ruff_cache", "__pycache__", "build", "dist"}
 
@@ -50,20 +43,15 @@ def _text(path: Path) -> str | None:
 
 def test_nothing_outside_docs_cites_notes_outside_the_repository():
     this = Path(__file__).resolve()
-    offenders, cleaned = [], []
+    offenders = []
     for path in tracked_files():
         rel = path.relative_to(ROOT).as_posix()
         if rel.startswith("docs/") or path.resolve() == this:
             continue
         text = _text(path)
         hits = [] if text is None else [f"{rel}:{text[: m.start()].count(chr(10)) + 1}" for m in OUTSIDE.finditer(text)]
-        if rel in PENDING_ELSEWHERE:
-            if not hits:
-                cleaned.append(rel)
-        else:
-            offenders += hits
+        offenders += hits
     assert not offenders, f"cite the docs/ page that holds the fact instead: {offenders}"
-    assert not cleaned, f"no longer cite outside notes, delete them from PENDING_ELSEWHERE: {cleaned}"
 
 
 def test_docs_contain_no_outside_references_either():

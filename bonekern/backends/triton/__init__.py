@@ -2,16 +2,26 @@
 
 Layout of this package (importing it never imports triton; kernels load on first use):
 
-- ``common.py``: what every kernel module shares, without importing triton: interpreter detection, the int64-offset
-  decision (``needs_int64``), the ``input_precision`` of fp32 dots (``fp32_dot_precision``), Triton's dtype names,
-  and ``AotCase``, the one description of a kernel specialisation to compile ahead of time;
-- ``configs.py``: the config families (``arch_of``: "sm80" / "sm90" / "interpreter"; ``dtype_family``: "half" /
-  "fp32") and every tunable config and default of bone/mini and bat, in one place;
-- ``bone.py``: bone/mini kernels, their host functions and ``aot_cases()``; ``bat.py``: the same for bat
-  (``aot_cases()`` also returns the specialisations outside the shipped inputs, checked but not stored);
+- ``tiles.py``: every shipped tile set, one encoding (``Tile``, named like "m128n64k64w8s3"), per architecture
+  family (``arch_of``: "sm80" / "sm90" / "interpreter"), dtype family (``dtype_family``: "half" / "fp32") and, for
+  bat, r class;
+- ``configs.py``: one typed, frozen config dataclass per op with its JSON dict form (``from_dict`` / ``to_dict``),
+  every candidate and default (built from ``tiles.py``), and ``prepare``, which validates a chosen config once;
+- ``common.py``: what every kernel module shares, without importing triton: ``LaunchSpec`` (everything one launch
+  needs besides its tensors), ``KernelEnv`` (GPU or interpreter, torch's TF32 flag, SM count), the int64-offset
+  decision (``needs_int64``), ``AotCase`` and ``aot_case``, the one description of a kernel specialisation to
+  compile ahead of time;
+- ``bone.py``: bone/mini kernels, ``bone_forward_launch`` / ``bone_backward_launch`` (typed config, dtypes and
+  sizes -> every launch of the op), the host functions that call them and ``aot_cases()`` built from the same
+  launch functions; ``bat.py``: the same for bat (``aot_cases()`` also returns the specialisations outside the
+  shipped inputs, checked but not stored);
 - ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 / sm_100 without a GPU, checks registers,
   spills and shared memory, and keeps the baseline ``profiles/resources/triton_sm{80,90,100}.json``
   (``python -m bonekern.backends.triton.resources [--write]``).
+
+A call, e.g. bone forward: ``TritonBackend.prepare_config`` (once per decision) -> ``configs.prepare`` ->
+``BoneForwardConfig``; then per call ``TritonBackend.bone_forward`` -> ``bone.bone_forward`` ->
+``bone.bone_forward_launch`` (its ``LaunchSpec`` s) -> ``LaunchSpec.__call__`` -> ``_bone_fwd_kernel``.
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is set
 before triton is first imported (that is how the test suite proves the kernels without a GPU).
@@ -51,6 +61,10 @@ class TritonBackend(Backend):
 
     def configs(self, problem: OpProblem) -> list[Config]:
         return configs.candidate_configs(problem)
+
+    def prepare_config(self, problem: OpProblem, config: Config) -> configs.TritonConfig:
+        """The op's typed config (:mod:`configs`), validated once; bat's missing entries come from the default."""
+        return configs.prepare(problem, config)
 
     def bone_forward(self, x, weight, block, bias, config):
         from . import bone

@@ -1,12 +1,12 @@
 """Triton kernels for the bone family (variants bone and mini), forward and backward, and their host functions.
 
-Notation (DESIGN.md section 1): x (M, K), W (N, K), block (r, C) with C | N acting as D[k, n] = block[k, n % C]
+Notation (docs/math.md): x (M, K), W (N, K), block (r, C) with C | N acting as D[k, n] = block[k, n % C]
 (C = N for bone, C = mini_r for mini; the kernels read ``block[k, n % C]`` by index and never form the repeated
 matrix), G = ceil(K / r) groups, S (M, r) the group sums of x (zero padding when K % r != 0 comes from masked
 loads: no padded copy of x exists).
 
-Forward, y = x W^T + b + S D, one of three strategies (``config["strategy"]``; which r each serves is written
-once, in :func:`configs.forward_strategy_serves`):
+Forward, y = x W^T + b + S D, one of three strategies (``BoneForwardConfig.strategy``; which r each serves is
+written once, in :func:`configs.forward_strategy_serves`):
 
 - ``"group"`` (fused): r a power of two, r <= BLOCK_K. The GEMM's K loop reshapes each x tile it loads to
   (BLOCK_M, BLOCK_K / w, w), w = max(r, 16), and sums the middle axis into an (BLOCK_M, w) accumulator whose
@@ -46,11 +46,16 @@ wrong).
 Indexing: offsets are int32 unless some tensor's largest element offset passes 2^31 - 1
 (:func:`common.needs_int64`), then the kernel is specialised with int64 row/column offsets. Any 2-D strides
 are read as given (x, W, dY and the block are never copied; a non-unit inner stride costs coalescing only).
+
+Host side: :func:`bone_forward_launch` and :func:`bone_backward_launch` turn a typed config (:mod:`configs`), the
+dtypes and the sizes into the :class:`~common.LaunchSpec` of every kernel the op launches; :func:`bone_forward` /
+:func:`bone_backward` allocate the outputs and call them, and :func:`aot_cases` compiles the same specs ahead of
+time (``resources.py``).
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -59,9 +64,10 @@ import triton.language as tl
 
 from ...profiling import nvtx_range
 from ...validation import delta_dtype
-from ..base import Config
-from . import configs
-from .common import TRITON_TYPE_NAMES, AotCase, fp32_dot_precision, interpreting, needs_int64
+from ..base import OpProblem
+from .common import AOT_ENV, AotCase, KernelEnv, LaunchSpec, aot_case, needs_int64
+from .configs import BoneBackwardConfig, BoneForwardConfig, bone_backward_candidates, cdiv
+from .tiles import BONE_GEMM, BONE_SUM_SPLITS, SHIPPED_ARCHS, GemmTile, Tile, bone_group_sum_tiles, dtype_family
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -81,13 +87,26 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _x_w_step(
-    acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    acc,
+    x_rows,
+    w_cols,
+    cols,
+    k_ok,
+    m_ok,
+    n_ok,
+    stride_xk,
+    stride_wk,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One K step of the base GEMM: loads x[m-tile, cols] and W[n-tile, cols]^T (masked lanes read 0, which is also
-    PEFT's zero padding of x) and returns (acc + x W^T, the x tile) so the caller can sum the tile into S."""
-    x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    PEFT's zero padding of x) and returns (acc + x W^T, the x tile) so the caller can sum the tile into S.
+
+    acc [BLOCK_M, BLOCK_N]; x_rows [BLOCK_M, 1] and w_cols [1, BLOCK_N] row / column pointers; cols, k_ok [BLOCK_K];
+    m_ok [BLOCK_M]; n_ok [BLOCK_N]."""
+    x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+    w = tl.load(w_cols + cols[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
     acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     return acc, x
 
@@ -134,71 +153,107 @@ def _bone_fwd_kernel(
     (programs with pid_n == 0); "two_pass" reads it, ADAPTER_K fp32 columns at a time. R_POW2 and SUM_WIDTH
     (= max(r, 16)) are used by "group" only. PRECISION: the x/W dot; ADAPTER_PRECISION: the fp32 S/D dots."""
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_ok = offs_m < M
     n_ok = offs_n < N
     if INDEX_64:
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = w_ptr + offs_n[None, :] * stride_wn
-    d_cols = d_ptr + (offs_n % C)[None, :] * stride_dc  # D[k, n] = block[k, n % C]
-    s_rows = s_ptr + offs_m[:, None] * stride_sm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_cols = w_ptr + offs_n[None, :] * stride_wn  # [1, BLOCK_N]
+    d_cols = d_ptr + (offs_n % C)[None, :] * stride_dc  # [1, BLOCK_N]: D[k, n] = block[k, n % C]
+    s_rows = s_ptr + offs_m[:, None] * stride_sm  # [BLOCK_M, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_N]
 
     if STRATEGY == "group":
-        s_wide = tl.zeros((BLOCK_M, SUM_WIDTH), dtype=ACC_DTYPE)  # column j: group offset j % r
+        s_wide = tl.zeros((BLOCK_M, SUM_WIDTH), dtype=ACC_DTYPE)  # [BLOCK_M, SUM_WIDTH]; column j: offset j % r
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            k_ok = cols < K
+            cols = k0 + offs_k  # [BLOCK_K]
+            # x: [BLOCK_M, BLOCK_K]
             acc, x = _x_w_step(
-                acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+                acc=acc,
+                x_rows=x_rows,
+                w_cols=w_cols,
+                cols=cols,
+                k_ok=cols < K,
+                m_ok=m_ok,
+                n_ok=n_ok,
+                stride_xk=stride_xk,
+                stride_wk=stride_wk,
+                DOT_DTYPE=DOT_DTYPE,
+                ACC_DTYPE=ACC_DTYPE,
+                PRECISION=PRECISION,
             )
+            # [BLOCK_M, BLOCK_K // SUM_WIDTH, SUM_WIDTH]
             x_groups = tl.reshape(x.to(ACC_DTYPE), (BLOCK_M, BLOCK_K // SUM_WIDTH, SUM_WIDTH))
             s_wide += tl.sum(x_groups, axis=1)
-        offs_j = tl.arange(0, SUM_WIDTH)
+        offs_j = tl.arange(0, SUM_WIDTH)  # [SUM_WIDTH]
+        # [SUM_WIDTH, BLOCK_N]
         d = tl.load(d_cols + (offs_j % R_POW2)[:, None] * stride_dr, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(s_wide, d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
         if pid_n == 0:
-            s = tl.sum(tl.reshape(s_wide, (BLOCK_M, SUM_WIDTH // R_POW2, R_POW2)), axis=1)
-            offs_r = tl.arange(0, R_POW2)
+            s = tl.sum(tl.reshape(s_wide, (BLOCK_M, SUM_WIDTH // R_POW2, R_POW2)), axis=1)  # [BLOCK_M, R_POW2]
+            offs_r = tl.arange(0, R_POW2)  # [R_POW2]
             tl.store(s_rows + offs_r[None, :] * stride_sr, s, mask=m_ok[:, None])
     elif STRATEGY == "chunk":
         for c0 in range(0, R, BLOCK_K):
-            offs_c = c0 + offs_k
+            offs_c = c0 + offs_k  # [BLOCK_K]: columns c0 .. of a group
             c_ok = offs_c < R
-            s = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+            s = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_K]
             for g in range(0, tl.cdiv(K, R)):
-                cols = g * R + offs_c
-                k_ok = c_ok & (cols < K)
+                cols = g * R + offs_c  # [BLOCK_K]
+                # x: [BLOCK_M, BLOCK_K]
                 acc, x = _x_w_step(
-                    acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+                    acc=acc,
+                    x_rows=x_rows,
+                    w_cols=w_cols,
+                    cols=cols,
+                    k_ok=c_ok & (cols < K),
+                    m_ok=m_ok,
+                    n_ok=n_ok,
+                    stride_xk=stride_xk,
+                    stride_wk=stride_wk,
+                    DOT_DTYPE=DOT_DTYPE,
+                    ACC_DTYPE=ACC_DTYPE,
+                    PRECISION=PRECISION,
                 )
                 s += x.to(ACC_DTYPE)
+            # [BLOCK_K, BLOCK_N]
             d = tl.load(d_cols + offs_c[:, None] * stride_dr, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(s, d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
             if pid_n == 0:
                 tl.store(s_rows + offs_c[None, :] * stride_sr, s, mask=m_ok[:, None] & c_ok[None, :])
     else:  # "two_pass": S was written by _group_sum_kernel
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            k_ok = cols < K
+            cols = k0 + offs_k  # [BLOCK_K]
             acc, x = _x_w_step(
-                acc, x_rows, w_cols, cols, k_ok, m_ok, n_ok, stride_xk, stride_wk, DOT_DTYPE, ACC_DTYPE, PRECISION
+                acc=acc,
+                x_rows=x_rows,
+                w_cols=w_cols,
+                cols=cols,
+                k_ok=cols < K,
+                m_ok=m_ok,
+                n_ok=n_ok,
+                stride_xk=stride_xk,
+                stride_wk=stride_wk,
+                DOT_DTYPE=DOT_DTYPE,
+                ACC_DTYPE=ACC_DTYPE,
+                PRECISION=PRECISION,
             )
-        offs_rk = tl.arange(0, ADAPTER_K)
+        offs_rk = tl.arange(0, ADAPTER_K)  # [ADAPTER_K]
         for c0 in range(0, R, ADAPTER_K):
-            offs_c = c0 + offs_rk
+            offs_c = c0 + offs_rk  # [ADAPTER_K]
             c_ok = offs_c < R
+            # s: [BLOCK_M, ADAPTER_K], d: [ADAPTER_K, BLOCK_N]
             s = tl.load(s_rows + offs_c[None, :] * stride_sr, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             d = tl.load(d_cols + offs_c[:, None] * stride_dr, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(s.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]  # [1, BLOCK_N]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn  # [BLOCK_M, BLOCK_N]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -229,29 +284,31 @@ def _group_sum_kernel(
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     m_ok = offs_m < M
     r_ok = offs_r < R
     if INDEX_64:
         offs_m = offs_m.to(tl.int64)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_R]
     if ONEHOT:
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
+            cols = k0 + offs_k  # [BLOCK_K]
+            # [BLOCK_M, BLOCK_K]
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
-            onehot = ((cols % R)[:, None] == offs_r[None, :]).to(DOT_DTYPE)
+            onehot = ((cols % R)[:, None] == offs_r[None, :]).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_R]
             s = tl.dot(x.to(DOT_DTYPE), onehot, s, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
         for g in range(0, tl.cdiv(K, R)):
-            cols = g * R + offs_r
+            cols = g * R + offs_r  # [BLOCK_R]
+            # [BLOCK_M, BLOCK_R]
             x = tl.load(
                 x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & (r_ok & (cols < K))[None, :], other=0.0
             )
             s += x.to(ACC_DTYPE)
-    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr  # [BLOCK_M, BLOCK_R]
     tl.store(s_ptrs, s, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -283,8 +340,8 @@ def _bone_bwd_t_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     m_ok = offs_m < M
     r_ok = offs_r < R
     if INDEX_64:
@@ -292,17 +349,19 @@ def _bone_bwd_t_kernel(
         pid_s = pid_s.to(tl.int64)  # pid_s * stride_ts may pass 2^31 even when one split does not
     n_start = pid_s * N_PER_SPLIT
     n_end = tl.minimum(N, n_start + N_PER_SPLIT)
-    dy_rows = dy_ptr + offs_m[:, None] * stride_dym
-    d_rows = d_ptr + offs_r[None, :] * stride_dr
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    dy_rows = dy_ptr + offs_m[:, None] * stride_dym  # [BLOCK_M, 1]
+    d_rows = d_ptr + offs_r[None, :] * stride_dr  # [1, BLOCK_R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_R]
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         n_ok = offs_n < n_end
         if INDEX_64:
             offs_n = offs_n.to(tl.int64)
+        # dy: [BLOCK_M, BLOCK_N], d: [BLOCK_N, BLOCK_R]
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         d = tl.load(d_rows + (offs_n % C)[:, None] * stride_dc, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(dy.to(ACC_DTYPE), d.to(ACC_DTYPE), acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
+    # [BLOCK_M, BLOCK_R]
     t_ptrs = t_ptr + pid_s * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     tl.store(t_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -338,31 +397,32 @@ def _bone_bwd_dx_kernel(
 ):
     """dx[m-tile, k-tile] = dY W + sum over splits of T_part[split, m, k % r]; BLOCK_N is the reduction step."""
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_ok = offs_m < M
     k_ok = offs_k < K
     if INDEX_64:
         offs_m = offs_m.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
-    dy_rows = dy_ptr + offs_m[:, None] * stride_dym
-    w_cols = w_ptr + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    dy_rows = dy_ptr + offs_m[:, None] * stride_dym  # [BLOCK_M, 1]
+    w_cols = w_ptr + offs_k[None, :] * stride_wk  # [1, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_K]
     for n0 in range(0, N, BLOCK_N):
-        rows = n0 + offs_n
+        rows = n0 + offs_n  # [BLOCK_N]
         n_ok = rows < N
         if INDEX_64:
             rows = rows.to(tl.int64)
+        # dy: [BLOCK_M, BLOCK_N], w: [BLOCK_N, BLOCK_K]
         dy = tl.load(dy_rows + rows[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_cols + rows[:, None] * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + (offs_k % R)[None, :] * stride_tr
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + (offs_k % R)[None, :] * stride_tr  # [BLOCK_M, BLOCK_K]
     mask = m_ok[:, None] & k_ok[None, :]
     for _ in range(0, T_SPLITS):
         acc += tl.load(t_ptrs, mask=mask, other=0.0)
         t_ptrs += stride_ts  # 64-bit pointer steps: no int32 split * stride_ts product to overflow
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk  # [BLOCK_M, BLOCK_K]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -402,40 +462,44 @@ def _bone_bwd_dblock_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     r_ok = offs_r < R
     c_ok = offs_c < C
     m_start = pid_s * M_PER_SPLIT
     m_end = tl.minimum(M, m_start + M_PER_SPLIT)
     if INDEX_64:
         pid_s = pid_s.to(tl.int64)  # for pid_s * stride_os below
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)  # [BLOCK_R, BLOCK_C]
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         m_ok = offs_m < m_end
         if INDEX_64:
             offs_m = offs_m.to(tl.int64)
+        # S^T: [BLOCK_R, BLOCK_M]
         s_t = tl.load(
             s_ptr + offs_r[:, None] * stride_sr + offs_m[None, :] * stride_sm,
             mask=r_ok[:, None] & m_ok[None, :],
             other=0.0,
         )
-        dy_rows = dy_ptr + offs_m[:, None] * stride_dym
-        f = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+        dy_rows = dy_ptr + offs_m[:, None] * stride_dym  # [BLOCK_M, 1]
+        f = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)  # [BLOCK_M, BLOCK_C]
         if ONEHOT:
-            offs_n = tl.arange(0, BLOCK_N)
+            offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
             for n0 in range(0, N, BLOCK_N):
-                cols = n0 + offs_n
+                cols = n0 + offs_n  # [BLOCK_N]
+                # [BLOCK_M, BLOCK_N]
                 dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=m_ok[:, None] & (cols < N)[None, :], other=0.0)
-                onehot = ((cols % C)[:, None] == offs_c[None, :]).to(DOT_DTYPE)
+                onehot = ((cols % C)[:, None] == offs_c[None, :]).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_C]
                 f = tl.dot(dy.to(DOT_DTYPE), onehot, f, input_precision="ieee", out_dtype=ACC_DTYPE)
         else:
             for rep in range(0, N // C):
-                cols = rep * C + offs_c
+                cols = rep * C + offs_c  # [BLOCK_C]
+                # [BLOCK_M, BLOCK_C]
                 dy = tl.load(dy_rows + cols[None, :] * stride_dyn, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 f += dy.to(ACC_DTYPE)
         acc = tl.dot(s_t.to(ACC_DTYPE), f, acc, input_precision=ADAPTER_PRECISION, out_dtype=ACC_DTYPE)
+    # [BLOCK_R, BLOCK_C]
     out_ptrs = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
@@ -443,22 +507,22 @@ def _bone_bwd_dblock_kernel(
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, NUMEL, SPLITS, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """out[i] = sum over s of part[s, i] in a fixed order (part contiguous (SPLITS, NUMEL)); cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     ok = offs < NUMEL
     if INDEX_64:
         offs = offs.to(tl.int64)
-    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)  # [BLOCK]
     for s in range(1, SPLITS):
         acc += tl.load(part_ptr + s * NUMEL + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Host functions
+# Launch plans: from a typed config, the dtypes and the sizes to every kernel launch of the op
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Dtypes(NamedTuple):
+class KernelDtypes(NamedTuple):
     """Compute types of one launch.
 
     dot: GEMM operand type (x's dtype; fp32 for bf16 under the interpreter, whose bf16 dot is wrong; fp64 when
@@ -483,25 +547,17 @@ _TL_DTYPES = {
 }
 
 
-def _compute_dtypes(x_dtype: torch.dtype, block_dtype: torch.dtype, device: torch.device) -> _Dtypes:
-    """How the kernels compute for inputs of ``x_dtype`` and a block of ``block_dtype`` on ``device``."""
-    return _dtypes_for(
-        x_dtype, block_dtype, fp32_dot_precision(device) == "tf32", device.type == "cuda", interpreting()
-    )
-
-
-def _dtypes_for(x_dtype: torch.dtype, block_dtype: torch.dtype, tf32: bool, gpu: bool, interpret: bool) -> _Dtypes:
-    """:class:`_Dtypes` for the given inputs, whether torch allows TF32, whether the kernels run on a GPU, and
-    whether they are interpreted."""
+def kernel_dtypes(x_dtype: torch.dtype, block_dtype: torch.dtype, env: KernelEnv) -> KernelDtypes:
+    """How the kernels compute for inputs of ``x_dtype`` and a block of ``block_dtype`` in ``env``."""
     delta = delta_dtype(x_dtype, block_dtype)
     acc = _TL_DTYPES[delta]
     if delta == torch.float64:
-        return _Dtypes(tl.float64, acc, "ieee", "ieee", delta)
-    dot = tl.float32 if (x_dtype == torch.bfloat16 and interpret) else _TL_DTYPES[x_dtype]
-    precision = "tf32" if tf32 else "ieee"
-    if x_dtype == torch.float32 or not gpu:
-        return _Dtypes(dot, acc, precision, precision, delta)
-    return _Dtypes(dot, acc, precision, "tf32", delta)
+        return KernelDtypes(tl.float64, acc, "ieee", "ieee", delta)
+    dot = tl.float32 if (x_dtype == torch.bfloat16 and env.interpret) else _TL_DTYPES[x_dtype]
+    precision = "tf32" if env.tf32 else "ieee"
+    if x_dtype == torch.float32 or not env.gpu:
+        return KernelDtypes(dot, acc, precision, precision, delta)
+    return KernelDtypes(dot, acc, precision, "tf32", delta)
 
 
 def adapter_chunk(block_k: int, x_itemsize: int) -> int:
@@ -512,58 +568,235 @@ def adapter_chunk(block_k: int, x_itemsize: int) -> int:
 
 def _split_range(total: int, step: int, splits: int) -> tuple[int, int]:
     """Cut ``total`` items into at most ``splits`` chunks that are multiples of ``step``: (per_split, count)."""
-    steps = triton.cdiv(total, step)
+    steps = cdiv(total, step)
     splits = max(1, min(int(splits), steps))
-    per = triton.cdiv(steps, splits) * step
-    return per, triton.cdiv(total, per)
+    per = cdiv(steps, splits) * step
+    return per, cdiv(total, per)
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
-    return (0, 0) if t is None else tuple(t.stride())
+class BoneForwardLaunch(NamedTuple):
+    """The launches of bone forward: the group-sum kernel (strategy "two_pass" only, else None), then the GEMM."""
+
+    group_sum: LaunchSpec | None
+    forward: LaunchSpec
+
+
+def bone_forward_launch(
+    config: BoneForwardConfig,
+    x_dtype: torch.dtype,
+    block_dtype: torch.dtype,
+    env: KernelEnv,
+    *,
+    m: int,
+    n: int,
+    r: int,
+    has_bias: bool,
+) -> BoneForwardLaunch:
+    """Every launch of bone forward for ``config`` (from :func:`configs.prepare`), x (M, K) of ``x_dtype``, a block
+    (r, C) of ``block_dtype``, y (M, N), with or without a bias."""
+    dt = kernel_dtypes(x_dtype, block_dtype, env)
+    group_sum = None
+    if config.strategy == "two_pass":
+        gs = bone_group_sum_tiles(r, dtype_family(x_dtype))
+        group_sum = LaunchSpec(
+            kernel="bone_group_sum",
+            fn=_group_sum_kernel,
+            grid=(cdiv(m, gs.block_m), cdiv(r, gs.block_r)),
+            constexprs=dict(
+                ONEHOT=gs.onehot,
+                BLOCK_M=gs.block_m,
+                BLOCK_R=gs.block_r,
+                BLOCK_K=gs.block_k,
+                DOT_DTYPE=dt.dot if gs.onehot else dt.acc,
+                ACC_DTYPE=dt.acc,
+            ),
+            num_warps=gs.num_warps,
+            num_stages=gs.num_stages,
+        )
+    tile = config.tile
+    r_pow2 = r if config.strategy == "group" else 1
+    forward = LaunchSpec(
+        kernel="bone_fwd",
+        fn=_bone_fwd_kernel,
+        grid=(cdiv(m, tile.block_m) * cdiv(n, tile.block_n),),
+        constexprs=dict(
+            STRATEGY=config.strategy,
+            HAS_BIAS=has_bias,
+            BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n,
+            BLOCK_K=tile.block_k,
+            GROUP_M=tile.group_m,
+            R_POW2=r_pow2,
+            SUM_WIDTH=max(r_pow2, 16),
+            DOT_DTYPE=dt.dot,
+            ACC_DTYPE=dt.acc,
+            PRECISION=dt.precision,
+            ADAPTER_PRECISION=dt.adapter_precision,
+            ADAPTER_K=adapter_chunk(tile.block_k, x_dtype.itemsize),
+        ),
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )
+    return BoneForwardLaunch(group_sum, forward)
+
+
+class BoneBackwardLaunch(NamedTuple):
+    """The launches of bone backward: T = dY D^T in ``t_splits`` partials, then the dx GEMM (both only for dx);
+    dblock = S^T F in ``m_splits`` partials, then their fixed-order sum (``dblock_sum``; None for one split)."""
+
+    t: LaunchSpec
+    t_splits: int
+    dx: LaunchSpec
+    dblock: LaunchSpec
+    m_splits: int
+    dblock_sum: LaunchSpec | None
+
+
+def bone_backward_launch(
+    config: BoneBackwardConfig,
+    x_dtype: torch.dtype,
+    block_dtype: torch.dtype,
+    env: KernelEnv,
+    *,
+    m: int,
+    n: int,
+    k: int,
+    r: int,
+    c: int,
+) -> BoneBackwardLaunch:
+    """Every launch of bone backward for ``config``, dY (M, N) of ``x_dtype``, W (N, K), a block (r, C) of
+    ``block_dtype``."""
+    dt = kernel_dtypes(x_dtype, block_dtype, env)
+    tc, xc, bc = config.t, config.dx, config.dblock
+    n_per_split, t_splits = _split_range(n, tc.tile.block_n, tc.split_n)
+    t = LaunchSpec(
+        kernel="bone_bwd_t",
+        fn=_bone_bwd_t_kernel,
+        grid=(cdiv(m, tc.tile.block_m), cdiv(r, tc.block_r), t_splits),
+        constexprs=dict(
+            BLOCK_M=tc.tile.block_m,
+            BLOCK_N=tc.tile.block_n,
+            BLOCK_R=tc.block_r,
+            ACC_DTYPE=dt.acc,
+            ADAPTER_PRECISION=dt.adapter_precision,
+        ),
+        num_warps=tc.tile.num_warps,
+        num_stages=tc.tile.num_stages,
+        scalars=dict(N_PER_SPLIT=n_per_split),
+    )
+    dx = LaunchSpec(
+        kernel="bone_bwd_dx",
+        fn=_bone_bwd_dx_kernel,
+        grid=(cdiv(m, xc.block_m) * cdiv(k, xc.block_k),),
+        constexprs=dict(
+            BLOCK_M=xc.block_m,
+            BLOCK_K=xc.block_k,
+            BLOCK_N=xc.block_n,
+            GROUP_M=xc.group_m,
+            DOT_DTYPE=dt.dot,
+            ACC_DTYPE=dt.acc,
+            PRECISION=dt.precision,
+        ),
+        num_warps=xc.num_warps,
+        num_stages=xc.num_stages,
+        scalars=dict(T_SPLITS=t_splits),
+    )
+    onehot = c < 16 and c < n
+    block_c = 16 if onehot else bc.block_c
+    m_per_split, m_splits = _split_range(m, bc.tile.block_m, bc.split_m)
+    dblock = LaunchSpec(
+        kernel="bone_bwd_dblock",
+        fn=_bone_bwd_dblock_kernel,
+        grid=(cdiv(r, bc.block_r), cdiv(c, block_c), m_splits),
+        constexprs=dict(
+            ONEHOT=onehot,
+            BLOCK_M=bc.tile.block_m,
+            BLOCK_R=bc.block_r,
+            BLOCK_C=block_c,
+            BLOCK_N=bc.tile.block_n,
+            DOT_DTYPE=dt.dot if onehot else dt.acc,
+            ACC_DTYPE=dt.acc,
+            ADAPTER_PRECISION=dt.adapter_precision,
+        ),
+        num_warps=bc.tile.num_warps,
+        num_stages=bc.tile.num_stages,
+        scalars=dict(M_PER_SPLIT=m_per_split),
+    )
+    dblock_sum = None
+    if m_splits > 1:
+        dblock_sum = LaunchSpec(
+            kernel="bone_bwd_dblock_sum",
+            fn=_sum_splits_kernel,
+            grid=(cdiv(r * c, BONE_SUM_SPLITS.block_n),),
+            constexprs=dict(BLOCK=BONE_SUM_SPLITS.block_n),
+            num_warps=BONE_SUM_SPLITS.num_warps,
+            num_stages=BONE_SUM_SPLITS.num_stages,
+            scalars=dict(NUMEL=r * c, SPLITS=m_splits),
+        )
+    return BoneBackwardLaunch(t, t_splits, dx, dblock, m_splits, dblock_sum)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host functions (the backend's entry points)
+# ----------------------------------------------------------------------------------------------------------
 
 
 def bone_forward(
-    x: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None, config: Config
+    x: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None, config: BoneForwardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T + b + S D (M, N) in x's dtype and S (M, r) in the delta dtype.
 
     x (M, K) with any strides; weight (N, K); block (r, C), C | N; bias (N,) or None; ``config`` from
-    :func:`configs.bone_forward_configs` (validated here: a strategy that cannot serve r raises ValueError).
+    :func:`configs.prepare` (which checked that its strategy serves r).
     """
     m, k = x.shape
     n = weight.shape[0]
     r, c = block.shape
-    cfg = configs.check_bone_forward_config(config, r)
-    strategy = cfg["strategy"]
-    dt = _compute_dtypes(x.dtype, block.dtype, x.device)
+    launch = bone_forward_launch(
+        config, x.dtype, block.dtype, KernelEnv.of(x.device), m=m, n=n, r=r, has_bias=bias is not None
+    )
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    s = torch.empty((m, r), dtype=dt.delta, device=x.device)
+    s = torch.empty((m, r), dtype=delta_dtype(x.dtype, block.dtype), device=x.device)
     index_64 = needs_int64(x, weight, block, y, s)
-
-    if strategy == "two_pass":
-        gs = configs.group_sum_launch(r, configs.dtype_family(x.dtype))
+    if launch.group_sum is not None:
         with nvtx_range("bonekern.triton.bone_group_sum"):
-            _group_sum_kernel[(triton.cdiv(m, gs["block_m"]), triton.cdiv(r, gs["block_r"]))](
-                x, s, m, k, r, *x.stride(), *s.stride(),
-                ONEHOT=gs["onehot"], BLOCK_M=gs["block_m"], BLOCK_R=gs["block_r"], BLOCK_K=gs["block_k"],
-                DOT_DTYPE=dt.dot if gs["onehot"] else dt.acc, ACC_DTYPE=dt.acc, INDEX_64=index_64,
-                num_warps=gs["num_warps"], num_stages=gs["num_stages"],
-            )  # fmt: skip
-    bm, bn = cfg["block_m"], cfg["block_n"]
-    r_pow2 = r if strategy == "group" else 1
-    adapter_k = adapter_chunk(cfg["block_k"], x.element_size())
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    with nvtx_range(f"bonekern.triton.bone_fwd[{strategy}]"):
-        _bone_fwd_kernel[grid](
-            x, weight, block, bias if bias is not None else y, y, s,
-            m, n, k, r, c,
-            *x.stride(), *weight.stride(), *block.stride(), *y.stride(), *s.stride(),
-            STRATEGY=strategy, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
-            R_POW2=r_pow2, SUM_WIDTH=max(r_pow2, 16),
-            DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, ADAPTER_PRECISION=dt.adapter_precision,
-            ADAPTER_K=adapter_k, INDEX_64=index_64, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+            launch.group_sum(
+                index_64,
+                x_ptr=x,
+                s_ptr=s,
+                M=m,
+                K=k,
+                R=r,
+                stride_xm=x.stride(0),
+                stride_xk=x.stride(1),
+                stride_sm=s.stride(0),
+                stride_sr=s.stride(1),
+            )
+    with nvtx_range(f"bonekern.triton.bone_fwd[{config.strategy}]"):
+        launch.forward(
+            index_64,
+            x_ptr=x,
+            w_ptr=weight,
+            d_ptr=block,
+            bias_ptr=bias if bias is not None else y,  # not read without a bias
+            y_ptr=y,
+            s_ptr=s,
+            M=m,
+            N=n,
+            K=k,
+            R=r,
+            C=c,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            stride_dr=block.stride(0),
+            stride_dc=block.stride(1),
+            stride_ym=y.stride(0),
+            stride_yn=y.stride(1),
+            stride_sm=s.stride(0),
+            stride_sr=s.stride(1),
+        )
     return y, s
 
 
@@ -574,66 +807,88 @@ def bone_backward(
     block: torch.Tensor,
     need_dx: bool,
     need_dblock: bool,
-    config: Config,
+    config: BoneBackwardConfig,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dx (M, K) in dy's dtype and dblock (r, C) in the block's dtype; None where not asked for.
 
     dy (M, N) any strides (autograd may hand an expanded, stride-0 tensor); s (M, r) from :func:`bone_forward`;
-    weight (N, K); block (r, C). ``config`` from :func:`configs.bone_backward_configs`.
+    weight (N, K); block (r, C). ``config`` from :func:`configs.prepare`.
     """
     m, n = dy.shape
     k = weight.shape[1]
     r, c = block.shape
-    cfg = configs.check_bone_backward_config(config)
-    dt = _compute_dtypes(dy.dtype, block.dtype, dy.device)
+    launch = bone_backward_launch(config, dy.dtype, block.dtype, KernelEnv.of(dy.device), m=m, n=n, k=k, r=r, c=c)
+    delta = delta_dtype(dy.dtype, block.dtype)
     dx = dblock = None
     if need_dx:
-        tc, xc = cfg["t"], cfg["dx"]
-        n_per_split, t_splits = _split_range(n, tc["block_n"], tc["split_n"])
-        t = torch.empty((t_splits, m, r), dtype=dt.delta, device=dy.device)
+        t = torch.empty((launch.t_splits, m, r), dtype=delta, device=dy.device)
         dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
         index_64 = needs_int64(dy, weight, block, t, dx)
         with nvtx_range("bonekern.triton.bone_bwd_t"):
-            _bone_bwd_t_kernel[(triton.cdiv(m, tc["block_m"]), triton.cdiv(r, tc["block_r"]), t_splits)](
-                dy, block, t, m, n, r, c, n_per_split,
-                *dy.stride(), *block.stride(), *t.stride(),
-                BLOCK_M=tc["block_m"], BLOCK_N=tc["block_n"], BLOCK_R=tc["block_r"],
-                ACC_DTYPE=dt.acc, ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=index_64,
-                num_warps=tc["num_warps"], num_stages=tc["num_stages"],
-            )  # fmt: skip
-        grid = (triton.cdiv(m, xc["block_m"]) * triton.cdiv(k, xc["block_k"]),)
+            launch.t(
+                index_64,
+                dy_ptr=dy,
+                d_ptr=block,
+                t_ptr=t,
+                M=m,
+                N=n,
+                R=r,
+                C=c,
+                stride_dym=dy.stride(0),
+                stride_dyn=dy.stride(1),
+                stride_dr=block.stride(0),
+                stride_dc=block.stride(1),
+                stride_ts=t.stride(0),
+                stride_tm=t.stride(1),
+                stride_tr=t.stride(2),
+            )
         with nvtx_range("bonekern.triton.bone_bwd_dx"):
-            _bone_bwd_dx_kernel[grid](
-                dy, weight, t, dx, m, n, k, r, t_splits,
-                *dy.stride(), *weight.stride(), *t.stride(), *dx.stride(),
-                BLOCK_M=xc["block_m"], BLOCK_K=xc["block_k"], BLOCK_N=xc["block_n"], GROUP_M=xc["group_m"],
-                DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, INDEX_64=index_64,
-                num_warps=xc["num_warps"], num_stages=xc["num_stages"],
-            )  # fmt: skip
+            launch.dx(
+                index_64,
+                dy_ptr=dy,
+                w_ptr=weight,
+                t_ptr=t,
+                dx_ptr=dx,
+                M=m,
+                N=n,
+                K=k,
+                R=r,
+                stride_dym=dy.stride(0),
+                stride_dyn=dy.stride(1),
+                stride_wn=weight.stride(0),
+                stride_wk=weight.stride(1),
+                stride_ts=t.stride(0),
+                stride_tm=t.stride(1),
+                stride_tr=t.stride(2),
+                stride_dxm=dx.stride(0),
+                stride_dxk=dx.stride(1),
+            )
     if need_dblock:
-        bc = cfg["dblock"]
-        onehot = c < 16 and c < n
-        block_c = 16 if onehot else bc["block_c"]
-        m_per_split, m_splits = _split_range(m, bc["block_m"], bc["split_m"])
         dblock = torch.empty((r, c), dtype=block.dtype, device=block.device)
-        part = dblock if m_splits == 1 else torch.empty((m_splits, r, c), dtype=dt.delta, device=dy.device)
-        stride_part = (0, *part.stride()) if m_splits == 1 else part.stride()
-        grid = (triton.cdiv(r, bc["block_r"]), triton.cdiv(c, block_c), m_splits)
+        one = launch.m_splits == 1
+        part = dblock if one else torch.empty((launch.m_splits, r, c), dtype=delta, device=dy.device)
+        stride_os, stride_or, stride_oc = (0, *part.stride()) if one else part.stride()
         with nvtx_range("bonekern.triton.bone_bwd_dblock"):
-            _bone_bwd_dblock_kernel[grid](
-                s, dy, part, m, n, r, c, m_per_split,
-                *s.stride(), *dy.stride(), *stride_part,
-                ONEHOT=onehot, BLOCK_M=bc["block_m"], BLOCK_R=bc["block_r"], BLOCK_C=block_c,
-                BLOCK_N=bc["block_n"], DOT_DTYPE=dt.dot if onehot else dt.acc, ACC_DTYPE=dt.acc,
-                ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=needs_int64(s, dy, part),
-                num_warps=bc["num_warps"], num_stages=bc["num_stages"],
-            )  # fmt: skip
-        if m_splits > 1:
-            numel = r * c
+            launch.dblock(
+                needs_int64(s, dy, part),
+                s_ptr=s,
+                dy_ptr=dy,
+                out_ptr=part,
+                M=m,
+                N=n,
+                R=r,
+                C=c,
+                stride_sm=s.stride(0),
+                stride_sr=s.stride(1),
+                stride_dym=dy.stride(0),
+                stride_dyn=dy.stride(1),
+                stride_os=stride_os,
+                stride_or=stride_or,
+                stride_oc=stride_oc,
+            )
+        if launch.dblock_sum is not None:
             with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
-                _sum_splits_kernel[(triton.cdiv(numel, 1024),)](
-                    part, dblock, numel, m_splits, BLOCK=1024, INDEX_64=needs_int64(part), num_warps=4, num_stages=1
-                )  # fmt: skip
+                launch.dblock_sum(needs_int64(part), part_ptr=part, out_ptr=dblock)
     return dx, dblock
 
 
@@ -641,162 +896,104 @@ def bone_backward(
 # Ahead-of-time compile cases (resources.py): every kernel x shipped config x dtype
 # ----------------------------------------------------------------------------------------------------------
 
-
-def _aot_case(
-    kernel: str,
-    fn: Any,
-    dtype: torch.dtype,
-    pointers: dict[str, torch.dtype],
-    unit_strides: tuple[str, ...],
-    constexprs: dict[str, Any],
-    config_name: str,
-    archs: tuple[str, ...],
-    num_warps: int,
-    num_stages: int,
-) -> AotCase:
-    """One AotCase: pointer arguments typed by ``pointers``, ``unit_strides`` specialised to 1 (as Triton does for
-    contiguous tensors), every other non-constexpr argument i32."""
-    names = list(inspect.signature(fn.fn).parameters)
-    missing = set(constexprs) - set(names)
-    if missing:
-        raise ValueError(f"{kernel}: constexprs {sorted(missing)} are not parameters of {fn.fn.__name__}")
-    signature: dict[str, str] = {}
-    values = dict(constexprs)
-    for name in names:
-        if name in pointers:
-            signature[name] = "*" + TRITON_TYPE_NAMES[str(pointers[name])]
-        elif name in unit_strides:
-            signature[name] = "constexpr"
-            values[name] = 1
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "i32"
-    return AotCase(
-        kernel=kernel,
-        fn=fn,
-        signature=signature,
-        constexprs=values,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        config_name=config_name,
-        dtype=TRITON_TYPE_NAMES[str(dtype)],
-        archs=archs,
-    )
+_AOT_SIZE = 4096
+"""M, N and K of the modelled launch (they choose no code: the sizes are runtime arguments)."""
+_CPU = torch.device("cpu")
 
 
-def _gemm_aot_cases(name: str, offered: tuple[str, ...], archs: tuple[str, ...], dtype: torch.dtype) -> list[AotCase]:
-    """Forward (each offered strategy; "group" for r = block_k and r = 8) and dx cases of one GEMM tile set."""
+def _aot_pointers(kernel: str, x: torch.dtype, delta: torch.dtype, out: torch.dtype | None = None) -> dict:
+    """Pointer argument -> dtype of ``kernel`` for x (and dY, W, y, dx) in ``x``, a block, S, T and the partial sums
+    in ``delta`` (fp32: the modelled block is fp32), dblock in ``out``."""
+    return {
+        "bone_fwd": dict(x_ptr=x, w_ptr=x, d_ptr=delta, bias_ptr=x, y_ptr=x, s_ptr=delta),
+        "bone_group_sum": dict(x_ptr=x, s_ptr=delta),
+        "bone_bwd_t": dict(dy_ptr=x, d_ptr=delta, t_ptr=delta),
+        "bone_bwd_dx": dict(dy_ptr=x, w_ptr=x, t_ptr=delta, dx_ptr=x),
+        "bone_bwd_dblock": dict(s_ptr=delta, dy_ptr=x, out_ptr=delta),
+        "bone_bwd_dblock_sum": dict(part_ptr=delta, out_ptr=out),
+    }[kernel]
+
+
+def _forward_cases(tile: Tile, offered: tuple[str, ...], archs: tuple[str, ...], dtype: torch.dtype) -> list[AotCase]:
+    """Forward cases of one GEMM tile set: each offered strategy; "group" for r = block_k and r = 8 (R_POW2 is its
+    only r-dependent constexpr), "chunk" and "two_pass" once (their code does not depend on r)."""
     f32 = torch.float32
-    tiles = configs.GEMM_TILES[name]
-    dt = _dtypes_for(dtype, f32, tf32=False, gpu=True, interpret=False)
-    launch = dict(archs=archs, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
-    fwd = dict(
-        HAS_BIAS=True, BLOCK_M=tiles["block_m"], BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], GROUP_M=8,
-        DOT_DTYPE=dt.dot, ACC_DTYPE=dt.acc, PRECISION=dt.precision, ADAPTER_PRECISION=dt.adapter_precision,
-        ADAPTER_K=adapter_chunk(tiles["block_k"], dtype.itemsize), INDEX_64=False,
-    )  # fmt: skip
-    variants = {
-        "group": {f"group.{name}.r{tiles['block_k']}": tiles["block_k"], f"group.{name}.r8": 8},
-        "chunk": {f"chunk.{name}": 1},
-        "two_pass": {f"two_pass.{name}": 1},
-    }
+    samples = {"group": (tile.block_k, 8), "chunk": (64,), "two_pass": (64,)}
     cases = []
     for strategy in offered:
-        for config_name, r_pow2 in variants[strategy].items():
-            cases.append(
-                _aot_case(
-                    "bone_fwd", _bone_fwd_kernel, dtype,
-                    dict(x_ptr=dtype, w_ptr=dtype, d_ptr=f32, bias_ptr=dtype, y_ptr=dtype, s_ptr=f32),
-                    ("stride_xk", "stride_wk", "stride_dc", "stride_yn", "stride_sr"),
-                    dict(fwd, STRATEGY=strategy, R_POW2=r_pow2, SUM_WIDTH=max(16, r_pow2)), config_name, **launch,
-                )
-            )  # fmt: skip
-    dx = configs.dx_tiles(name)
-    cases.append(
-        _aot_case(
-            "bone_bwd_dx", _bone_bwd_dx_kernel, dtype, dict(dy_ptr=dtype, w_ptr=dtype, t_ptr=f32, dx_ptr=dtype),
-            ("stride_dyn", "stride_wk", "stride_tr", "stride_dxk"),
-            dict(BLOCK_M=dx["block_m"], BLOCK_K=dx["block_k"], BLOCK_N=dx["block_n"], GROUP_M=8, DOT_DTYPE=dt.dot,
-                 ACC_DTYPE=dt.acc, PRECISION=dt.precision, INDEX_64=False),
-            name, archs=archs, num_warps=dx["num_warps"], num_stages=dx["num_stages"],
-        )
-    )  # fmt: skip
+        for r in samples[strategy]:
+            config = BoneForwardConfig(strategy, GemmTile.of(tile), tile.name)
+            launch = bone_forward_launch(
+                config, dtype, f32, AOT_ENV, m=_AOT_SIZE, n=_AOT_SIZE, r=r, has_bias=True
+            ).forward
+            name = f"group.{tile.name}.r{r}" if strategy == "group" else f"{strategy}.{tile.name}"
+            cases.append(aot_case(launch, _aot_pointers("bone_fwd", dtype, f32), name, dtype, archs))
     return cases
 
 
-def _small_aot_cases(family: str, dtype: torch.dtype) -> list[AotCase]:
-    """Group-sum (one-hot and group loop), T (block_r 16 and 64) and dblock (block_r x block_c in {16, 64}; c16 is
-    the one-hot fold) cases for one dtype; their launch does not depend on the architecture."""
+def _backward_launch(arch: str, dtype: torch.dtype, r: int, c: int, tile_name: str | None = None) -> BoneBackwardLaunch:
+    """Bone backward's launches for the shipped config of ``arch`` (the one on tile set ``tile_name``, else the
+    default) for block size r and C, two M splits (so the partial-sum kernel is part of it)."""
+    problem = OpProblem("bone_backward", _AOT_SIZE, _AOT_SIZE, _AOT_SIZE, r, c, dtype, torch.float32, _CPU)
+    configs = [cfg for cfg in bone_backward_candidates(problem, arch) if tile_name in (None, cfg.label)]
+    config = dataclasses.replace(configs[0], dblock=dataclasses.replace(configs[0].dblock, split_m=2))
+    return bone_backward_launch(config, dtype, torch.float32, AOT_ENV, m=_AOT_SIZE, n=_AOT_SIZE, k=_AOT_SIZE, r=r, c=c)
+
+
+def _small_cases(dtype: torch.dtype) -> list[AotCase]:
+    """Group-sum (one-hot and group loop: r = 8, 64), T (block_r 16 and 64) and dblock (block_r x block_c in
+    {16, 64}; c16 is the one-hot fold) cases for one dtype; their launch is the same on every shipped
+    architecture."""
     f32 = torch.float32
-    dt = _dtypes_for(dtype, f32, tf32=False, gpu=True, interpret=False)
-    archs = configs.SHIPPED_ARCHS
-    small = configs.small_kernel_launch("sm90", family)
     cases = []
+    default = BONE_GEMM[(SHIPPED_ARCHS[-1], dtype_family(dtype))][0][0]
     for r in (8, 64):
-        gs = configs.group_sum_launch(r, family)
-        cases.append(
-            _aot_case(
-                "bone_group_sum", _group_sum_kernel, dtype, dict(x_ptr=dtype, s_ptr=f32), ("stride_xk", "stride_sr"),
-                dict(ONEHOT=gs["onehot"], BLOCK_M=gs["block_m"], BLOCK_R=gs["block_r"], BLOCK_K=gs["block_k"],
-                     DOT_DTYPE=dt.dot if gs["onehot"] else dt.acc, ACC_DTYPE=dt.acc, INDEX_64=False),
-                "onehot" if gs["onehot"] else "groups", archs, gs["num_warps"], gs["num_stages"],
-            )
-        )  # fmt: skip
-    t = configs.t_launch("sm90", family)
-    for block_r in (16, 64):
-        cases.append(
-            _aot_case(
-                "bone_bwd_t", _bone_bwd_t_kernel, dtype, dict(dy_ptr=dtype, d_ptr=f32, t_ptr=f32),
-                ("stride_dyn", "stride_dc", "stride_tr"),
-                dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_R=block_r, ACC_DTYPE=dt.acc,
-                     ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=False),
-                f"r{block_r}", archs, t["num_warps"], t["num_stages"],
-            )
-        )  # fmt: skip
-        for block_c in (16, 64):
-            onehot = block_c == 16
-            cases.append(
-                _aot_case(
-                    "bone_bwd_dblock", _bone_bwd_dblock_kernel, dtype, dict(s_ptr=f32, dy_ptr=dtype, out_ptr=f32),
-                    ("stride_sr", "stride_dyn", "stride_oc"),
-                    dict(ONEHOT=onehot, BLOCK_M=small["block_m"], BLOCK_R=block_r, BLOCK_C=block_c,
-                         BLOCK_N=small["block_n"], DOT_DTYPE=dt.dot if onehot else dt.acc, ACC_DTYPE=dt.acc,
-                         ADAPTER_PRECISION=dt.adapter_precision, INDEX_64=False),
-                    f"r{block_r}.c{block_c}{'.onehot' if onehot else ''}", archs, small["num_warps"],
-                    small["num_stages"],
-                )
-            )  # fmt: skip
+        config = BoneForwardConfig("two_pass", GemmTile.of(default), default.name)
+        gs = bone_forward_launch(config, dtype, f32, AOT_ENV, m=_AOT_SIZE, n=_AOT_SIZE, r=r, has_bias=True).group_sum
+        name = "onehot" if gs.constexprs["ONEHOT"] else "groups"
+        cases.append(aot_case(gs, _aot_pointers("bone_group_sum", dtype, f32), name, dtype, SHIPPED_ARCHS))
+    for r in (8, 64):  # block_r 16, 64
+        launches = {c: _backward_launch(SHIPPED_ARCHS[-1], dtype, r, c) for c in (8, 64)}  # block_c 16 (one-hot), 64
+        t = launches[64].t
+        block_r = t.constexprs["BLOCK_R"]
+        cases.append(aot_case(t, _aot_pointers("bone_bwd_t", dtype, f32), f"r{block_r}", dtype, SHIPPED_ARCHS))
+        for launch in launches.values():
+            db = launch.dblock
+            onehot = ".onehot" if db.constexprs["ONEHOT"] else ""
+            name = f"r{block_r}.c{db.constexprs['BLOCK_C']}{onehot}"
+            cases.append(aot_case(db, _aot_pointers("bone_bwd_dblock", dtype, f32), name, dtype, SHIPPED_ARCHS))
     return cases
 
 
 def aot_cases() -> list[AotCase]:
-    """Every bone/mini kernel specialisation the shipped configs of :mod:`configs` launch on sm_80/sm_90.
+    """Every bone/mini kernel specialisation the shipped configs launch on sm_80/sm_90, each built by
+    :func:`bone_forward_launch` / :func:`bone_backward_launch` as the launchers build it.
 
-    Modelled launch: block in fp32 (PEFT's default), torch's default ``allow_tf32 = False``, int32 offsets.
-    bf16 and fp32 get every shipped tile set of their family; fp16 compiles to the same code as bf16 with the other
-    MMA type, so it is compiled for each architecture's default tile set and the small kernels only.
+    Modelled launch (:data:`common.AOT_ENV`): block in fp32 (PEFT's default), torch's default
+    ``allow_tf32 = False``, int32 offsets. bf16 and fp32 get every shipped tile set of their family; fp16 compiles
+    to the same code as bf16 with the other MMA type, so it is compiled for each architecture's default tile set
+    and the small kernels only.
     """
     cases: list[AotCase] = []
+    f32 = torch.float32
     for family, dtypes in (("half", (torch.bfloat16, torch.float16)), ("fp32", (torch.float32,))):
-        shipped: dict[str, tuple[tuple[str, ...], list[str]]] = {}
+        shipped: dict[str, tuple[Tile, tuple[str, ...], list[str]]] = {}
         defaults = set()
-        for arch in configs.SHIPPED_ARCHS:
-            entries = configs.GEMM_TILES_BY_FAMILY[(arch, family)]
-            defaults.add(entries[0][0])
-            for name, offered in entries:
-                shipped.setdefault(name, (offered, []))[1].append(arch)
+        for arch in SHIPPED_ARCHS:
+            entries = BONE_GEMM[(arch, family)]
+            defaults.add(entries[0][0].name)
+            for tile, offered in entries:
+                shipped.setdefault(tile.name, (tile, offered, []))[2].append(arch)
         for dtype in dtypes:
-            for name, (offered, archs) in shipped.items():
+            for name, (tile, offered, archs) in shipped.items():
                 if dtype == torch.float16 and name not in defaults:
                     continue
-                cases.extend(_gemm_aot_cases(name, offered, tuple(archs), dtype))
-            cases.extend(_small_aot_cases(family, dtype))
+                cases += _forward_cases(tile, offered, tuple(archs), dtype)
+                dx = _backward_launch(archs[0], dtype, 64, 64, tile_name=name).dx
+                cases.append(aot_case(dx, _aot_pointers("bone_bwd_dx", dtype, f32), name, dtype, tuple(archs)))
+            cases += _small_cases(dtype)
     for out in (torch.float32, torch.bfloat16):
-        cases.append(
-            _aot_case(
-                "bone_bwd_dblock_sum", _sum_splits_kernel, out, dict(part_ptr=torch.float32, out_ptr=out), (),
-                dict(BLOCK=1024, INDEX_64=False), "block1024", configs.SHIPPED_ARCHS, 4, 1,
-            )
-        )  # fmt: skip
+        total = _backward_launch(SHIPPED_ARCHS[-1], out, 64, 64).dblock_sum
+        name = f"block{total.constexprs['BLOCK']}"
+        cases.append(aot_case(total, _aot_pointers("bone_bwd_dblock_sum", out, f32, out), name, out, SHIPPED_ARCHS))
     return cases

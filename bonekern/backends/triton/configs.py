@@ -1,422 +1,244 @@
-"""Every tunable Triton config, in one place: the autotuner reads :func:`candidate_configs`, dispatch reads
-:func:`default_config` when nothing is tuned. A config is a JSON-serialisable dict (strategy, tile sizes,
-``num_warps``, ``num_stages``); the kernel modules accept exactly the dicts produced here.
+"""The Triton configs: one typed, frozen dataclass per op, its JSON dict form, and every candidate and default.
+
+A config reaches the backend as a JSON-serialisable dict (what the autotune cache and profiles store, what
+:meth:`TritonBackend.configs` yields); :func:`prepare` parses and validates it ONCE per decision into the op's
+dataclass, which the kernel modules take. ``from_dict`` / ``to_dict`` convert between the two forms, exactly:
+``X.from_dict(c.to_dict()) == c``. Tile sets come from :mod:`tiles`, the one table of shipped tiles.
+
+Dict forms (block sizes are powers of two >= 16, ``num_warps`` a power of two, every count an int >= 1;
+"tiles" is an optional label naming the tile set a config came from, for logs and the resource baseline; the
+kernels do not read it):
+
+- bone forward: {"strategy", "block_m", "block_n", "block_k", "num_warps", "num_stages", "group_m", "tiles"};
+- bone backward: {"dx": {GEMM tile}, "t": {...}, "dblock": {...}, "tiles"}, one dict per kernel:
+    dx     {"block_m", "block_n" (reduction step over N), "block_k" (dx columns), "num_warps", "num_stages",
+           "group_m"}
+    t      {"block_m", "block_n", "num_warps", "num_stages", "block_r", "split_n"}             T = dY D^T
+    dblock {"block_m", "block_n", "num_warps", "num_stages", "block_r", "block_c", "split_m"}  dD = S^T dY
+- bat forward: {"strategy", "form_precision", "gemm", GEMM tile entries, "build": {...}, "tiles"}: the tile serves
+  the fused kernel (strategy "fused") or the Triton GEMM after the W' build ("materialize" with gemm "triton");
+  "build" is the W' build kernel's tile (no block_m);
+- bat backward: {"strategy", "form_precision", "gemm", "dx": {GEMM tile}, "build": {...}, "dblock": {GEMM tile,
+  "split_k", "reduce", "precision"}, "tiles"}; dx's block_n is its reduction step over N, its block_k the width of
+  its output columns. bat's block_n / block_k count lanes of W's rows / columns that the kernels fit to r.
+
+Bad dicts raise ValueError naming the entry (TypeError when the config is not a dict at all). bone configs must be
+complete; a bat config may leave entries out, which :func:`prepare` takes from the problem's default.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..base import Config, OpProblem
+from .common import sm_count
+from .tiles import (
+    BAT_R_CLASSES,
+    BONE_ADAPTER,
+    BONE_FORWARD_STRATEGIES,
+    BONE_GEMM,
+    BONE_T_MAX_STAGES,
+    GemmTile,
+    Tile,
+    arch_of,
+    bat_gemm_tile,
+    bat_tiles,
+    bone_adapter_block,
+    dtype_family,
+)
 
-# ----------------------------------------------------------------------------------------------------------
-# Shared by every kernel module: which config family a device and a dtype belong to.
-# ----------------------------------------------------------------------------------------------------------
-
-SHIPPED_ARCHS: tuple[str, ...] = ("sm80", "sm90")
-"""The config families with shipped tables. "sm90" also serves datacenter Blackwell (sm_100), so its tables are
-compiled for both sm_90 and sm_100 (``resources.FAMILY``)."""
-
-
-def arch_of(device: torch.device) -> str:
-    """The config family for ``device``: "sm90" (Hopper, datacenter Blackwell), "sm80" (Ampere, Ada and other
-    GPUs with less shared memory) or "interpreter" (CPU tensors through TRITON_INTERPRET=1)."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major in (9, 10) else "sm80"
-
-
-def dtype_family(dtype: torch.dtype) -> str:
-    """ "half" for fp16/bf16 inputs (tensor-core GEMM), "fp32" for fp32 and fp64."""
-    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (1 off the GPU): split counts aim at about two programs per SM."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Candidates per op (the autotuner's entry points)
-# ----------------------------------------------------------------------------------------------------------
+__all__ = [
+    "BAT_R_CLASSES",
+    "BatBackwardConfig",
+    "BatDblockConfig",
+    "BatForwardConfig",
+    "BoneBackwardConfig",
+    "BoneDblockConfig",
+    "BoneForwardConfig",
+    "BoneTConfig",
+    "TritonConfig",
+    "candidate_configs",
+    "candidates",
+    "default_config",
+    "prepare",
+]
 
 
-def bone_forward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bone/mini forward, default first (see the "bone / mini" section at the end)."""
-    return bone_forward_configs_for(problem, arch_of(problem.device))
-
-
-def bone_backward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bone/mini backward, default first (see the "bone / mini" section at the end)."""
-    return bone_backward_configs_for(problem, arch_of(problem.device))
-
-
-def bat_forward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bat forward, default first (see the "bat" section below)."""
-    return bat_forward_configs_for(problem, arch_of(problem.device))
-
-
-def bat_backward_configs(problem: OpProblem) -> list[Config]:
-    """Candidates for bat backward, default first (see the "bat" section below)."""
-    return bat_backward_configs_for(problem, arch_of(problem.device))
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bat (bat.py)
+# Reading JSON dicts: every check names the entry it rejects.
 # ----------------------------------------------------------------------------------------------------------
-#
-# Forward config: {"strategy", "form_precision", "gemm", "block_m", "block_n", "block_k", "group_m", "num_warps",
-#   "num_stages", "build": {...}, "tiles"}. The GEMM fields serve the fused kernel (strategy "fused") or the Triton
-#   GEMM after the W' build ("materialize" with gemm "triton"); "build" launches the W' build kernel.
-# Backward config: {"strategy", "form_precision", "gemm", "dx": {GEMM fields}, "build": {...}, "dblock": {"block_m",
-#   "block_n", "block_k", "num_warps", "num_stages", "split_k", "reduce", "precision"}, "tiles"}. dx's block_n is its
-#   reduction step over N (W's rows), its block_k the width of its output columns (W's columns).
-# block_n / block_k count lanes of W's rows / columns; the kernels fit them to r (bat.py, "tilings"), so one
-# tile set is valid for every r, and the tables below pick, per r class, the sets that compile without register
-# spills (resources.py compiles every shipped one for sm_80, sm_90 and sm_100; profiles/resources/ keeps the figures).
-# "tiles" names the forward / dx tile set (logs, resource baseline); kernels do not read it.
-
-BAT_STRATEGIES: tuple[str, ...] = ("fused", "materialize")
-
-BAT_FUSED_MAX_M_TILES = 4
-"""The default strategy is "fused" while M needs at most this many m-tiles, else "materialize".
-
-A model, not a measurement (no GPU was available when this was written): the fused kernel forms each W' tile
-once per m-tile, ``r / block_m`` extra tensor-core MACs (r=64, block_m=128: +50% over the GEMM tile at
-half-precision rate); materializing forms W' once but writes and re-reads N x K elements (about two extra passes
-over W: ~20 us for 4096 x 4096 bf16 at 3.3 TB/s, the cost of a few m-tiles of formation). The autotuner replaces
-this guess per shape."""
 
 
-def bat_tiles(name: str) -> dict[str, int]:
-    """The tile set a name spells: "m128n64k64w8s3" -> block_m 128, block_n 64, block_k 64, 8 warps, 3 stages
-    (``group_m`` is 8). Build-kernel sets omit "m"."""
-    fields = {"m": "block_m", "n": "block_n", "k": "block_k", "w": "num_warps", "s": "num_stages"}
-    out: dict[str, int] = {}
-    number = ""
-    for ch in reversed(name):
-        if ch.isdigit():
-            number = ch + number
-        else:
-            out[fields[ch]] = int(number)
-            number = ""
-    if "block_m" in out:
-        out["group_m"] = 8
-    return out
+def _is_pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
 
 
-def bat_tile_name(block_n: int, block_k: int, num_warps: int, num_stages: int, block_m: int | None = None) -> str:
-    """The name :func:`bat_tiles` reads back: "m128n64k64w8s3", or "n32k64w8s1" without ``block_m``."""
-    m = "" if block_m is None else f"m{block_m}"
-    return f"{m}n{block_n}k{block_k}w{num_warps}s{num_stages}"
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-BAT_R_CLASSES: tuple[str, ...] = ("small", "r16", "r32", "r64", "r128+")
-"""r classes by R (r rounded up to a power of two): < 16 (W' formed by broadcast multiply-sum), 16, 32, 64,
->= 128. Each class gets its own tile sets."""
+class _Reader:
+    """One JSON dict of a config, read entry by entry; ``where`` (e.g. "Triton bone backward config['t']") names
+    the dict in every error."""
 
-BAT_TABLE: dict[tuple[str, str, str], dict] = {
-    # (arch, dtype class, r class): fwd / dx tile sets (candidates, default first), the Triton GEMM's set after a
-    # W' build, the build kernel's set, the dB kernel's set.
-    # Hopper (sm_90, 227 KiB shared memory).
-    ("sm90", "half", "small"): dict(
-        fwd=("m64n32k32w8s2",),
-        dx=("m64n32k32w8s2",),
-        build="n32k32w4s1",
-        dblock="m64n32k32w8s2",
-    ),
-    ("sm90", "half", "r16"): dict(
-        fwd=("m128n64k64w8s3", "m64n64k64w4s3"),
-        dx=("m128n64k64w8s3", "m64n64k64w4s3"),
-        build="n32k64w8s1",
-        dblock="m64n64k64w4s3",
-    ),
-    ("sm90", "half", "r32"): dict(
-        fwd=("m128n32k32w4s3", "m128n64k64w8s3"),
-        dx=("m128n32k32w4s3",),
-        build="n32k32w8s1",
-        dblock="m64n64k64w8s3",
-    ),
-    ("sm90", "half", "r64"): dict(
-        fwd=("m128n64k64w8s3", "m64n64k64w4s3"),
-        dx=("m128n64k64w8s3", "m64n64k64w4s3"),
-        build="n32k64w8s1",
-        dblock="m128n64k64w8s3",
-    ),
-    ("sm90", "half", "r128+"): dict(
-        fwd=("m128n128k64w8s3", "m64n64k64w4s3"),
-        dx=("m128n64k64w8s3", "m64n64k64w4s3"),
-        build="n32k64w8s1",
-        # 2 stages: with 3, r = 128 spills 24 B on sm_100 (ptxas-blackwell holds it to 128 registers).
-        dblock="m64n64k64w8s2",
-    ),
-    # Ampere / Ada (sm_80: 163 KiB shared memory; sm_86, sm_89: 99 KiB; every set below needs at most 99 KiB).
-    ("sm80", "half", "small"): dict(
-        fwd=("m64n32k32w8s2",),
-        dx=("m64n32k32w8s2",),
-        build="n32k32w4s1",
-        dblock="m64n32k32w8s2",
-    ),
-    ("sm80", "half", "r16"): dict(
-        fwd=("m128n64k64w8s3", "m64n64k64w4s3"),
-        dx=("m64n64k64w4s3",),
-        build="n32k64w8s1",
-        dblock="m64n64k64w4s3",
-    ),
-    ("sm80", "half", "r32"): dict(
-        fwd=("m128n32k32w4s3",),
-        dx=("m128n32k32w4s3",),
-        build="n32k32w8s1",
-        dblock="m64n64k64w8s3",
-    ),
-    ("sm80", "half", "r64"): dict(
-        fwd=("m128n64k32w4s3", "m64n64k64w4s3"),
-        dx=("m128n64k64w8s3",),
-        build="n32k64w8s1",
-        dblock="m128n64k64w8s3",
-    ),
-    ("sm80", "half", "r128+"): dict(
-        fwd=("m64n64k64w4s3",),
-        dx=("m128n64k64w8s3",),
-        build="n32k64w8s1",
-        dblock="m64n64k64w8s3",
-    ),
-}
-"""Shipped bat tile sets for fp16/bf16 inputs. fp32 (and fp64) inputs use :data:`BAT_TABLE_FP32` on every GPU."""
+    def __init__(self, where: str, config: Any, keys: tuple[str, ...], nested: bool = True):
+        if not isinstance(config, dict):
+            if nested:
+                raise ValueError(f"{where} must be a dict; got {config!r}")
+            raise TypeError(f"{where} must be a dict; got {type(config).__name__}")
+        unknown = sorted(set(config) - set(keys))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(keys)}")
+        self.where, self.config = where, config
 
-BAT_TABLE_FP32: dict[str, dict] = {
-    # fp32 operands take twice the registers and shared memory, and the default formation precision "tf32x3"
-    # (torch's allow_tf32 is False by default) three times the formation product's: smaller tiles.
-    "small": dict(
-        fwd=("m64n16k32w8s2",),
-        dx=("m64n16k32w8s2",),
-        build="n32k32w4s1",
-        dblock="m64n32k32w8s2",
-    ),
-    "r16": dict(
-        fwd=("m64n32k32w4s3",),
-        dx=("m64n32k32w4s3",),
-        build="n32k64w4s1",
-        dblock="m64n64k32w4s3",
-    ),
-    "r32": dict(
-        # 8 warps: with 4, the (R, BK) and (BN, BK) B tiles the r = 32 forward keeps in registers spill.
-        fwd=("m64n32k32w8s3",),
-        dx=("m64n32k32w8s3",),
-        build="n32k32w4s1",
-        dblock="m64n32k32w4s3",
-    ),
-    "r64": dict(
-        fwd=("m64n32k32w4s3",),
-        dx=("m64n32k32w4s3",),
-        build="n32k64w4s1",
-        dblock="m64n64k32w4s3",
-    ),
-    "r128+": dict(
-        fwd=("m64n32k32w4s3",),
-        dx=("m64n32k32w4s3",),
-        build="n32k64w4s1",
-        dblock="m64n32k32w8s3",
-    ),
-}
+    def get(self, key: str) -> Any:
+        if key not in self.config:
+            raise ValueError(f"{self.where}: missing {key!r}; got keys {sorted(self.config)}")
+        return self.config[key]
 
-BAT_GEMM_TILES: dict[tuple[str, str], str] = {
-    ("sm90", "half"): "m128n128k64w8s3",
-    ("sm80", "half"): "m128n128k64w8s3",
-    ("sm90", "fp32"): "m128n128k32w8s2",
-    ("sm80", "fp32"): "m128n128k32w8s2",
-}
-"""The Triton GEMM after a W' build (gemm "triton"): a plain GEMM, the same for every r."""
+    def block(self, key: str) -> int:
+        """A tile size: a power of two >= 16 (``tl.dot``'s smallest inner size)."""
+        value = self.get(key)
+        if not _is_int(value) or not _is_pow2(value) or value < 16:
+            raise ValueError(f"{self.where}[{key!r}] must be a power of two >= 16; got {value!r}")
+        return value
 
-BAT_INTERPRETER: dict[str, dict] = {
-    # CPU tensors through the Triton interpreter (tests): every op costs the same whatever its size, so tiles are
-    # as large as the block allows; warps and stages are ignored.
-    "small": dict(
-        fwd=("m32n32k32w4s1",),
-        dx=("m32n32k32w4s1",),
-        build="n32k32w4s1",
-        dblock="m32n32k32w4s1",
-    ),
-    "r16": dict(
-        fwd=("m32n32k32w4s1",),
-        dx=("m32n32k32w4s1",),
-        build="n32k32w4s1",
-        dblock="m32n32k32w4s1",
-    ),
-    "r32": dict(
-        fwd=("m32n32k32w4s1",),
-        dx=("m32n32k32w4s1",),
-        build="n32k32w4s1",
-        dblock="m32n32k32w4s1",
-    ),
-    "r64": dict(
-        fwd=("m32n64k64w4s1",),
-        dx=("m32n64k64w4s1",),
-        build="n64k64w4s1",
-        dblock="m32n64k64w4s1",
-    ),
-    "r128+": dict(
-        fwd=("m32n128k128w4s1",),
-        dx=("m32n128k128w4s1",),
-        build="n128k128w4s1",
-        dblock="m32n128k128w4s1",
-    ),
-}
+    def count(self, key: str, minimum: int = 1, why: str = "") -> int:
+        value = self.get(key)
+        if not _is_int(value) or value < minimum:
+            raise ValueError(f"{self.where}[{key!r}] must be an int >= {minimum}{why}; got {value!r}")
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(key)
+        if value not in allowed:
+            raise ValueError(f"{self.where}[{key!r}] must be one of {allowed}; got {value!r}")
+        return value
+
+    def label(self) -> str | None:
+        value = self.config.get("tiles")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{self.where}['tiles'] must be a tile set's name (a string); got {value!r}")
+        return value
+
+    def tile(self, dims: str = "mnk") -> Tile:
+        """The :class:`Tile` of the block sizes ``dims`` ("mnk", "mn" or "nk"), warps and stages."""
+        sizes = {d: self.block(f"block_{d}") if d in dims else None for d in "mnk"}
+        warps = self.count("num_warps")
+        if not _is_pow2(warps):
+            raise ValueError(f"{self.where}['num_warps'] must be a power of two; got {warps}")
+        return Tile(sizes["m"], sizes["n"], sizes["k"], warps, self.count("num_stages"))
+
+    def gemm_tile(self) -> GemmTile:
+        return GemmTile.of(self.tile(), self.count("group_m"))
+
+    def sub(self, key: str, keys: tuple[str, ...]) -> _Reader:
+        return _Reader(f"{self.where}[{key!r}]", self.config.get(key), keys)
 
 
-def bat_padded_r(r: int) -> int:
-    """R: block size ``r`` rounded up to a power of two, the lanes one r-block takes in a bat tile."""
-    return 1 << (r - 1).bit_length()
+_TILE = ("num_warps", "num_stages")
+_GEMM = ("block_m", "block_n", "block_k", *_TILE, "group_m")
+_LABEL = ("tiles",)
 
 
-def bat_r_class(r: int) -> str:
-    """The :data:`BAT_R_CLASSES` entry of block size ``r``."""
-    rp = bat_padded_r(r)
-    if rp < 16:
-        return "small"
-    return {16: "r16", 32: "r32", 64: "r64"}.get(rp, "r128+")
-
-
-def bat_plan(arch: str, dtype: torch.dtype, r: int) -> dict:
-    """The table entry for (arch, x's dtype, r): fwd / dx candidates, gemm, build and dblock tile set names."""
-    rc = bat_r_class(r)
-    if arch == "interpreter":
-        return {**BAT_INTERPRETER[rc], "gemm": "m32n32k32w4s1"}
-    family = dtype_family(dtype)
-    entry = BAT_TABLE[(arch, family, rc)] if family == "half" else BAT_TABLE_FP32[rc]
-    return {**entry, "gemm": BAT_GEMM_TILES[(arch, family)]}
-
-
-def bat_default_strategy(problem: OpProblem, block_m: int) -> str:
-    """ "fused" while M spans at most :data:`BAT_FUSED_MAX_M_TILES` m-tiles, else "materialize"."""
-    return "fused" if problem.m <= BAT_FUSED_MAX_M_TILES * block_m else "materialize"
-
-
-def _bat_dblock(plan: dict) -> Config:
-    return {**bat_tiles(plan["dblock"]), "split_k": 0, "reduce": "partials", "precision": "matched"}
-
-
-def bat_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
-    """Forward candidates for ``problem`` on ``arch``, default first: each shipped forward tile set fused and
-    materialized (cuBLAS after the build: NVIDIA's per-shape tuned GEMM, the default), plus the materialized
-    path with the Triton GEMM. The formation precision stays at its default, "matched" for fused and "tf32x3"
-    for materialize: the autotuner must not trade accuracy for speed behind the user's back."""
-    plan = bat_plan(arch, problem.dtype, problem.r)
-    build = bat_tiles(plan["build"])
-    out: list[Config] = []
-    for name in plan["fwd"]:
-        fused = {"strategy": "fused", "form_precision": "matched", "gemm": "cublas", **bat_tiles(name)}
-        mat = {**fused, "strategy": "materialize", "form_precision": "tf32x3"}
-        pair = [fused, mat] if bat_default_strategy(problem, fused["block_m"]) == "fused" else [mat, fused]
-        out.extend({**cfg, "build": dict(build), "tiles": name} for cfg in pair)
-    gemm = {"strategy": "materialize", "form_precision": "tf32x3", "gemm": "triton", **bat_tiles(plan["gemm"])}
-    out.append({**gemm, "build": dict(build), "tiles": plan["gemm"]})
-    return out
-
-
-def bat_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
-    """Backward candidates for ``problem`` on ``arch``, default first: dx takes each shipped dx tile set, fused
-    and materialized (cuBLAS), plus materialized with the Triton GEMM; dB always uses the table's launch with
-    ``split_k=0`` (enough K splits for about two programs per SM) and the deterministic partial-sum reduction."""
-    plan = bat_plan(arch, problem.dtype, problem.r)
-    build = bat_tiles(plan["build"])
-    out: list[Config] = []
-    for name in plan["dx"]:
-        fused = {"strategy": "fused", "form_precision": "matched", "gemm": "cublas", "dx": bat_tiles(name)}
-        mat = {**fused, "strategy": "materialize", "form_precision": "tf32x3"}
-        pair = [fused, mat] if bat_default_strategy(problem, fused["dx"]["block_m"]) == "fused" else [mat, fused]
-        out.extend(
-            {**c, "dx": dict(c["dx"]), "build": dict(build), "dblock": _bat_dblock(plan), "tiles": name} for c in pair
-        )
-    gemm_tiles = bat_tiles(plan["gemm"])
-    gemm = {"strategy": "materialize", "form_precision": "tf32x3", "gemm": "triton", "dx": gemm_tiles}
-    out.append({**gemm, "build": dict(build), "dblock": _bat_dblock(plan), "tiles": plan["gemm"]})
-    return out
-
-
-def candidate_configs_for(problem: OpProblem, arch: str) -> list[Config]:
-    """The bat candidates of :func:`candidate_configs` for an explicit architecture family (AOT cases, tests)."""
-    return {"bat_forward": bat_forward_configs_for, "bat_backward": bat_backward_configs_for}[problem.op](problem, arch)
-
-
-_BY_OP = {
-    "bone_forward": bone_forward_configs,
-    "bone_backward": bone_backward_configs,
-    "bat_forward": bat_forward_configs,
-    "bat_backward": bat_backward_configs,
-}
-
-
-def candidate_configs(problem: OpProblem) -> list[Config]:
-    """Every config the autotuner may time for ``problem``; the first one is the default."""
-    return _BY_OP[problem.op](problem)
-
-
-def default_config(problem: OpProblem) -> Config:
-    """The config used when nothing is tuned."""
-    return candidate_configs(problem)[0]
+def _with_label(out: Config, label: str | None) -> Config:
+    return out if label is None else {**out, "tiles": label}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # bone / mini (bone.py)
 # ----------------------------------------------------------------------------------------------------------
-#
-# Forward config: {"strategy", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tiles"}.
-# Backward config: {"tiles", "dx": {...}, "t": {...}, "dblock": {...}}, one dict per kernel:
-#   dx     {"block_m", "block_k" (dx columns), "block_n" (reduction step over N), "group_m", "num_warps", "num_stages"}
-#   t      {"block_m", "block_n", "block_r", "split_n", "num_warps", "num_stages"}            T = dY D^T
-#   dblock {"block_m", "block_r", "block_c", "block_n", "split_m", "num_warps", "num_stages"}  dD = S^T dY
-# "tiles" names the GEMM tile set the config came from (logs, resource baseline); kernels do not read it.
-# Every shipped tile set is compiled for its architectures by resources.py; none spills (profiles/resources/).
-
-BONE_FORWARD_STRATEGIES: tuple[str, ...] = ("group", "chunk", "two_pass")
-
-GEMM_TILES: dict[str, dict[str, int]] = {
-    # Hopper, half precision: 8 warps = two warpgroups on a 128 x 128 wgmma tile, 64-wide K steps.
-    "m128n128k64w8s3": dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    "m64n128k64w4s4": dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
-    # Ampere, half precision: mma.sync keeps operands and accumulator in registers; 32-wide K steps keep the
-    # fused S sums and the chunk strategy's (block_m, block_k) fp32 accumulator spill-free.
-    "m128n128k32w8s4": dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=4),
-    "m64n128k32w4s4": dict(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=4),
-    "m128n64k32w4s4": dict(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
-    # Hopper, small problems (few tokens): more programs.
-    "m64n64k64w4s3": dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3),
-    # fp32 inputs: with allow_tf32 off, fp32 tl.dot runs on the FMA units ("ieee") with both operand tiles in
-    # registers, so small tiles, and "two_pass" only: the fused sums take the FMA kernel to 255 registers.
-    "m64n64k32w8s3": dict(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
-    "m32n64k32w4s3": dict(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=3),
-    # CPU tensors through the Triton interpreter (tests): warps and stages are ignored there.
-    "interp32": dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1),
-}
-"""Every GEMM tile set the bone kernels ship with, by name (block_m x block_n x block_k, warps, stages)."""
-
-_ALL = BONE_FORWARD_STRATEGIES
-GEMM_TILES_BY_FAMILY: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], ...]] = {
-    ("sm90", "half"): (("m128n128k64w8s3", _ALL), ("m64n128k64w4s4", _ALL), ("m64n64k64w4s3", _ALL)),
-    ("sm80", "half"): (("m128n128k32w8s4", _ALL), ("m64n128k32w4s4", _ALL), ("m128n64k32w4s4", _ALL)),
-    ("sm90", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
-    ("sm80", "fp32"): (("m64n64k32w8s3", ("two_pass",)), ("m32n64k32w4s3", ("two_pass",))),
-    ("interpreter", "half"): (("interp32", _ALL),),
-    ("interpreter", "fp32"): (("interp32", _ALL),),
-}
-"""Per (architecture family, dtype family): the shipped tile sets, default first, each with the forward
-strategies offered on it (see :func:`arch_of`, :func:`dtype_family`). Every tile set offers "two_pass", so every
-r is served; the backward's dx GEMM uses every tile set of the family."""
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+@dataclass(frozen=True)
+class BoneForwardConfig:
+    """bone/mini forward: y = x W^T + b + S D with ``strategy`` (bone.py's module docstring) on GEMM ``tile``
+    (block_m x block_n output tile, block_k-wide K steps). ``label``: the dict's "tiles" entry."""
+
+    strategy: str
+    tile: GemmTile
+    label: str | None = None
+
+    OP: ClassVar[str] = "bone_forward"
+    WHERE: ClassVar[str] = "Triton bone forward config"
+
+    def to_dict(self) -> Config:
+        return _with_label({"strategy": self.strategy, **self.tile.to_dict()}, self.label)
+
+    @staticmethod
+    def from_dict(config: Config) -> BoneForwardConfig:
+        read = _Reader(BoneForwardConfig.WHERE, config, ("strategy", *_GEMM, *_LABEL), nested=False)
+        return BoneForwardConfig(read.choice("strategy", BONE_FORWARD_STRATEGIES), read.gemm_tile(), read.label())
 
 
-def _is_pow2(v: int) -> bool:
-    return v >= 1 and v & (v - 1) == 0
+@dataclass(frozen=True)
+class BoneTConfig:
+    """The T = dY D^T kernel (M, r) of bone backward: ``tile`` block_m tokens x block_n columns of N per step,
+    ``block_r`` columns of T per program, N cut into ``split_n`` partial sums (added in a fixed order)."""
+
+    tile: Tile
+    block_r: int
+    split_n: int
+
+    def to_dict(self) -> Config:
+        return {**self.tile.to_dict(), "block_r": self.block_r, "split_n": self.split_n}
+
+    @staticmethod
+    def read(read: _Reader) -> BoneTConfig:
+        return BoneTConfig(read.tile("mn"), read.block("block_r"), read.count("split_n"))
+
+
+@dataclass(frozen=True)
+class BoneDblockConfig:
+    """The dblock = S^T dY kernel (r, C) of bone backward: ``tile`` block_m tokens per step (block_n: the one-hot
+    fold's dY tile width), ``block_r`` x ``block_c`` outputs per program, M cut into ``split_m`` partials."""
+
+    tile: Tile
+    block_r: int
+    block_c: int
+    split_m: int
+
+    def to_dict(self) -> Config:
+        return {**self.tile.to_dict(), "block_r": self.block_r, "block_c": self.block_c, "split_m": self.split_m}
+
+    @staticmethod
+    def read(read: _Reader) -> BoneDblockConfig:
+        return BoneDblockConfig(read.tile("mn"), read.block("block_r"), read.block("block_c"), read.count("split_m"))
+
+
+@dataclass(frozen=True)
+class BoneBackwardConfig:
+    """bone/mini backward: the dx GEMM's tile (block_m x block_k output tile of dx (M, K), block_n-wide steps
+    over N), the T kernel and the dblock kernel. ``label``: the GEMM tile set the dx tile came from."""
+
+    dx: GemmTile
+    t: BoneTConfig
+    dblock: BoneDblockConfig
+    label: str | None = None
+
+    OP: ClassVar[str] = "bone_backward"
+    WHERE: ClassVar[str] = "Triton bone backward config"
+
+    def to_dict(self) -> Config:
+        parts = {"dx": self.dx.to_dict(), "t": self.t.to_dict(), "dblock": self.dblock.to_dict()}
+        return _with_label(parts, self.label)
+
+    @staticmethod
+    def from_dict(config: Config) -> BoneBackwardConfig:
+        read = _Reader(BoneBackwardConfig.WHERE, config, ("dx", "t", "dblock", *_LABEL), nested=False)
+        return BoneBackwardConfig(
+            read.sub("dx", _GEMM).gemm_tile(),
+            BoneTConfig.read(read.sub("t", ("block_m", "block_n", *_TILE, "block_r", "split_n"))),
+            BoneDblockConfig.read(read.sub("dblock", ("block_m", "block_n", *_TILE, "block_r", "block_c", "split_m"))),
+            read.label(),
+        )
 
 
 def forward_strategy_serves(strategy: str, r: int, block_k: int) -> bool:
@@ -442,149 +264,269 @@ def default_forward_strategy(r: int, block_k: int) -> str:
     return "two_pass"
 
 
-def _family(problem: OpProblem, arch: str) -> list[tuple[str, tuple[str, ...]]]:
+def _bone_gemm_tiles(problem: OpProblem, arch: str) -> list[tuple[Tile, tuple[str, ...]]]:
     """The (tile set, offered strategies) entries for ``problem``, default first: the family's order, except that
     few tokens (M <= 64) put the tile sets with block_m <= 64 first (a 128-row tile would be mostly masked)."""
-    entries = list(GEMM_TILES_BY_FAMILY[(arch, dtype_family(problem.dtype))])
+    entries = list(BONE_GEMM[(arch, dtype_family(problem.dtype))])
     if problem.m <= 64:
-        entries.sort(key=lambda entry: GEMM_TILES[entry[0]]["block_m"] > 64)
+        entries.sort(key=lambda entry: entry[0].block_m > 64)
     return entries
 
 
-def bone_forward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
-    """Forward candidates for ``problem`` on architecture family ``arch`` (see :func:`arch_of`), default first:
-    every shipped tile set of the family with every strategy it offers that serves r; on each tile set the
-    :func:`default_forward_strategy` comes first when offered."""
-    out: list[Config] = []
-    for name, offered in _family(problem, arch):
-        tiles = GEMM_TILES[name]
-        first = default_forward_strategy(problem.r, tiles["block_k"])
+def bone_forward_candidates(problem: OpProblem, arch: str) -> list[BoneForwardConfig]:
+    """Every shipped tile set of the family with every strategy it offers that serves r, default first; on each
+    tile set the :func:`default_forward_strategy` comes first when offered."""
+    out = []
+    for tile, offered in _bone_gemm_tiles(problem, arch):
+        first = default_forward_strategy(problem.r, tile.block_k)
         for strategy in sorted(offered, key=lambda s: s != first):
-            if forward_strategy_serves(strategy, problem.r, tiles["block_k"]):
-                out.append({"strategy": strategy, **tiles, "group_m": 8, "tiles": name})
+            if forward_strategy_serves(strategy, problem.r, tile.block_k):
+                out.append(BoneForwardConfig(strategy, GemmTile.of(tile), tile.name))
     return out
 
 
-def dx_tiles(name: str) -> Config:
-    """dx (M, K) is a GEMM with N as its reduction: the tile set's block_n becomes dx's column width block_k."""
-    tiles = GEMM_TILES[name]
-    return dict(
-        block_m=tiles["block_m"],
-        block_k=tiles["block_n"],
-        block_n=tiles["block_k"],
-        group_m=8,
-        num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
-    )
+def bone_dx_tile(tile: Tile) -> GemmTile:
+    """dx (M, K) is a GEMM with N as its reduction: the tile set's block_n becomes dx's column width block_k, its
+    block_k dx's step over N."""
+    return GemmTile(tile.block_m, tile.block_k, tile.block_n, tile.num_warps, tile.num_stages)
 
 
-def adapter_block(width: int) -> int:
-    """Tile width over r (T, dblock) or C (dblock): 16 for widths up to 16, else 64 (masked past the width)."""
-    return 16 if width <= 16 else 64
-
-
-def small_kernel_launch(arch: str, family: str) -> dict[str, int]:
-    """Token tile, reduction tile, warps and stages of the T and dblock kernels (not tuned: each is a few
-    percent of the backward's work). fp32 takes 32-wide tiles: its one-hot fold runs on the FMA units. T
-    uses 2 stages (3 spill a few bytes on sm_80; see :func:`t_launch`)."""
-    if arch == "interpreter":
-        return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if family == "fp32":
-        return dict(block_m=32, block_n=32, num_warps=4, num_stages=3)
-    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
-
-
-def t_launch(arch: str, family: str) -> dict[str, int]:
-    """:func:`small_kernel_launch` for the T kernel: at most 2 pipeline stages."""
-    small = small_kernel_launch(arch, family)
-    return dict(small, num_stages=min(2, small["num_stages"]))
-
-
-def bone_backward_configs_for(problem: OpProblem, arch: str) -> list[Config]:
-    """Backward candidates for ``problem`` on ``arch``, default first: the dx GEMM takes each shipped tile set;
-    T and dblock get split counts that fill about two waves of the GPU (one split on the interpreter)."""
-    small = small_kernel_launch(arch, dtype_family(problem.dtype))
-    block_r = adapter_block(problem.r)
-    block_c = adapter_block(problem.block_cols)
+def bone_backward_candidates(problem: OpProblem, arch: str) -> list[BoneBackwardConfig]:
+    """The dx GEMM takes each shipped tile set, default first; T and dblock get split counts that fill about two
+    waves of the GPU (one split on the interpreter)."""
+    small = BONE_ADAPTER[(arch, dtype_family(problem.dtype))]
+    block_r = bone_adapter_block(problem.r)
+    block_c = bone_adapter_block(problem.block_cols)
     target = 2 * sm_count(problem.device)
-    t_programs = _cdiv(problem.m, small["block_m"]) * _cdiv(problem.r, block_r)
-    t_split = max(1, min(_cdiv(target, t_programs), _cdiv(problem.n, 4 * small["block_n"])))
-    d_programs = _cdiv(problem.r, block_r) * _cdiv(problem.block_cols, block_c)
-    d_split = max(1, min(_cdiv(target, d_programs), _cdiv(problem.m, 4 * small["block_m"])))
-    t = dict(t_launch(arch, dtype_family(problem.dtype)), block_r=block_r, split_n=t_split)
-    dblock = dict(small, block_r=block_r, block_c=block_c, split_m=d_split)
-    return [
-        {"tiles": name, "dx": dx_tiles(name), "t": dict(t), "dblock": dict(dblock)}
-        for name, _ in _family(problem, arch)
-    ]
+    t_programs = cdiv(problem.m, small.block_m) * cdiv(problem.r, block_r)
+    t_split = max(1, min(cdiv(target, t_programs), cdiv(problem.n, 4 * small.block_n)))
+    d_programs = cdiv(problem.r, block_r) * cdiv(problem.block_cols, block_c)
+    d_split = max(1, min(cdiv(target, d_programs), cdiv(problem.m, 4 * small.block_m)))
+    t = BoneTConfig(dataclasses.replace(small, num_stages=min(BONE_T_MAX_STAGES, small.num_stages)), block_r, t_split)
+    dblock = BoneDblockConfig(small, block_r, block_c, d_split)
+    return [BoneBackwardConfig(bone_dx_tile(tile), t, dblock, tile.name) for tile, _ in _bone_gemm_tiles(problem, arch)]
 
 
-def group_sum_launch(r: int, family: str) -> Config:
-    """Launch parameters of the "two_pass" group-sum kernel (a bandwidth-bound pass over x, not tuned):
-    one-hot fold for r < 16 (tensor cores for half inputs; 32-wide tiles for fp32, whose exact "ieee" one-hot
-    dot runs on the FMA units), else one program per (64 rows, 64 group columns)."""
-    if r < 16:
-        width = 32 if family == "fp32" else 64
-        return dict(onehot=True, block_m=width, block_r=16, block_k=width, num_warps=4, num_stages=2)
-    return dict(onehot=False, block_m=64, block_r=64, block_k=16, num_warps=4, num_stages=2)
+# ----------------------------------------------------------------------------------------------------------
+# bat (bat.py)
+# ----------------------------------------------------------------------------------------------------------
+
+BAT_STRATEGIES: tuple[str, ...] = ("fused", "materialize")
+BAT_GEMMS: tuple[str, ...] = ("cublas", "triton")
+BAT_FORM_PRECISIONS: tuple[str, ...] = ("matched", "tf32x3", "ieee")
+BAT_DB_REDUCES: tuple[str, ...] = ("partials", "atomic")
+
+BAT_FUSED_MAX_M_TILES = 4
+"""The default strategy is "fused" while M needs at most this many m-tiles, else "materialize".
+
+A model, not a measurement (no GPU was available when this was written): the fused kernel forms each W' tile
+once per m-tile, ``r / block_m`` extra tensor-core MACs (r=64, block_m=128: +50% over the GEMM tile at
+half-precision rate); materializing forms W' once but writes and re-reads N x K elements (about two extra passes
+over W: ~20 us for 4096 x 4096 bf16 at 3.3 TB/s, the cost of a few m-tiles of formation). The autotuner replaces
+this guess per shape."""
 
 
-def _check_tile(where: str, cfg: Config, key: str, minimum: int = 16) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < minimum:
-        raise ValueError(f"{where}[{key!r}] must be a power of two >= {minimum}; got {value!r}")
-    return value
+@dataclass(frozen=True)
+class BatForwardConfig:
+    """bat forward: ``strategy`` "fused" (W' formed per tile inside the GEMM on ``tile``) or "materialize" (W' built
+    by one kernel on ``build``, then the GEMM ``gemm``: "cublas", or "triton" on ``tile``); ``form_precision`` of
+    the W' formation product (bat.py's module docstring). ``label``: the dict's "tiles" entry."""
 
+    strategy: str
+    form_precision: str
+    gemm: str
+    tile: GemmTile
+    build: Tile
+    label: str | None = None
 
-def _check_launch(where: str, cfg: Config) -> None:
-    for key in ("num_warps", "num_stages"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}[{key!r}] must be a positive int; got {value!r}")
-    if not _is_pow2(cfg["num_warps"]):
-        raise ValueError(f"{where}['num_warps'] must be a power of two; got {cfg['num_warps']}")
+    OP: ClassVar[str] = "bat_forward"
+    WHERE: ClassVar[str] = "Triton bat forward config"
 
+    def to_dict(self) -> Config:
+        head = {"strategy": self.strategy, "form_precision": self.form_precision, "gemm": self.gemm}
+        return _with_label({**head, **self.tile.to_dict(), "build": self.build.to_dict()}, self.label)
 
-def check_bone_forward_config(config: Config, r: int) -> Config:
-    """Validate a bone forward config for block size ``r``; returns it (ValueError naming the bad entry)."""
-    if not isinstance(config, dict):
-        raise TypeError(f"bone forward config must be a dict; got {type(config).__name__}")
-    where = "bone forward config"
-    strategy = config.get("strategy")
-    if strategy not in BONE_FORWARD_STRATEGIES:
-        raise ValueError(f"{where}['strategy'] must be one of {BONE_FORWARD_STRATEGIES}; got {strategy!r}")
-    for key in ("block_m", "block_n", "block_k"):
-        _check_tile(where, config, key)
-    _check_tile(where, config, "group_m", minimum=1)
-    _check_launch(where, config)
-    if not forward_strategy_serves(strategy, r, config["block_k"]):
-        raise ValueError(
-            f"{where}: strategy {strategy!r} cannot serve r = {r} with block_k = {config['block_k']} "
-            "('group' needs r a power of two <= block_k; 'chunk' needs r >= 16; 'two_pass' serves every r)"
+    @staticmethod
+    def from_dict(config: Config) -> BatForwardConfig:
+        keys = ("strategy", "form_precision", "gemm", *_GEMM, "build", *_LABEL)
+        read = _Reader(BatForwardConfig.WHERE, config, keys, nested=False)
+        return BatForwardConfig(
+            read.choice("strategy", BAT_STRATEGIES),
+            read.choice("form_precision", BAT_FORM_PRECISIONS),
+            read.choice("gemm", BAT_GEMMS),
+            read.gemm_tile(),
+            read.sub("build", ("block_n", "block_k", *_TILE)).tile("nk"),
+            read.label(),
         )
-    return config
 
 
-def check_bone_backward_config(config: Config) -> Config:
-    """Validate a bone backward config; returns it (ValueError naming the bad entry)."""
+@dataclass(frozen=True)
+class BatDblockConfig:
+    """The dB kernel: ``tile`` (block_m tokens per step of G = dY^T x, block_n x block_k lanes of G per program;
+    its group_m is carried by the dict form, the kernel does not reorder programs), ``split_k`` K splits (0: enough
+    for about two programs per SM), ``reduce`` "partials" (deterministic) or "atomic", ``precision`` of the
+    epilogue (W + I)^T G."""
+
+    tile: GemmTile
+    split_k: int
+    reduce: str
+    precision: str
+
+    def to_dict(self) -> Config:
+        extra = {"split_k": self.split_k, "reduce": self.reduce, "precision": self.precision}
+        return {**self.tile.to_dict(), **extra}
+
+    @staticmethod
+    def read(read: _Reader) -> BatDblockConfig:
+        return BatDblockConfig(
+            read.gemm_tile(),
+            read.count("split_k", minimum=0, why=" (0: fill the GPU)"),
+            read.choice("reduce", BAT_DB_REDUCES),
+            read.choice("precision", BAT_FORM_PRECISIONS),
+        )
+
+
+@dataclass(frozen=True)
+class BatBackwardConfig:
+    """bat backward: dx = dY W' as bat forward does y (``strategy``, ``form_precision``, ``gemm``, GEMM tile ``dx``,
+    ``build``), and the dB kernel (``dblock``). ``label``: the dict's "tiles" entry (the dx tile set)."""
+
+    strategy: str
+    form_precision: str
+    gemm: str
+    dx: GemmTile
+    build: Tile
+    dblock: BatDblockConfig
+    label: str | None = None
+
+    OP: ClassVar[str] = "bat_backward"
+    WHERE: ClassVar[str] = "Triton bat backward config"
+
+    def to_dict(self) -> Config:
+        head = {"strategy": self.strategy, "form_precision": self.form_precision, "gemm": self.gemm}
+        parts = {"dx": self.dx.to_dict(), "build": self.build.to_dict(), "dblock": self.dblock.to_dict()}
+        return _with_label({**head, **parts}, self.label)
+
+    @staticmethod
+    def from_dict(config: Config) -> BatBackwardConfig:
+        keys = ("strategy", "form_precision", "gemm", "dx", "build", "dblock", *_LABEL)
+        read = _Reader(BatBackwardConfig.WHERE, config, keys, nested=False)
+        return BatBackwardConfig(
+            read.choice("strategy", BAT_STRATEGIES),
+            read.choice("form_precision", BAT_FORM_PRECISIONS),
+            read.choice("gemm", BAT_GEMMS),
+            read.sub("dx", _GEMM).gemm_tile(),
+            read.sub("build", ("block_n", "block_k", *_TILE)).tile("nk"),
+            BatDblockConfig.read(read.sub("dblock", (*_GEMM, "split_k", "reduce", "precision"))),
+            read.label(),
+        )
+
+
+def bat_default_strategy(problem: OpProblem, block_m: int) -> str:
+    """ "fused" while M spans at most :data:`BAT_FUSED_MAX_M_TILES` m-tiles, else "materialize"."""
+    return "fused" if problem.m <= BAT_FUSED_MAX_M_TILES * block_m else "materialize"
+
+
+def bat_forward_candidates(problem: OpProblem, arch: str) -> list[BatForwardConfig]:
+    """Each shipped forward tile set fused and materialized (cuBLAS after the build: NVIDIA's per-shape tuned GEMM,
+    the default), default first, plus the materialized path with the Triton GEMM. The formation precision stays at
+    its default, "matched" for fused and "tf32x3" for materialize: the autotuner must not trade accuracy for speed
+    behind the user's back."""
+    sets = bat_tiles(arch, problem.dtype, problem.r)
+    out = []
+    for tile in sets.fwd:
+        fused = BatForwardConfig("fused", "matched", "cublas", GemmTile.of(tile), sets.build, tile.name)
+        mat = dataclasses.replace(fused, strategy="materialize", form_precision="tf32x3")
+        out += [fused, mat] if bat_default_strategy(problem, tile.block_m) == "fused" else [mat, fused]
+    gemm = bat_gemm_tile(arch, problem.dtype)
+    out.append(BatForwardConfig("materialize", "tf32x3", "triton", GemmTile.of(gemm), sets.build, gemm.name))
+    return out
+
+
+def bat_backward_candidates(problem: OpProblem, arch: str) -> list[BatBackwardConfig]:
+    """dx takes each shipped dx tile set, fused and materialized (cuBLAS), default first, plus materialized with the
+    Triton GEMM; dB always uses the table's tile set with ``split_k=0`` (enough K splits for about two programs per
+    SM) and the deterministic partial-sum reduction."""
+    sets = bat_tiles(arch, problem.dtype, problem.r)
+    dblock = BatDblockConfig(GemmTile.of(sets.dblock), split_k=0, reduce="partials", precision="matched")
+    out = []
+    for tile in sets.dx:
+        fused = BatBackwardConfig("fused", "matched", "cublas", GemmTile.of(tile), sets.build, dblock, tile.name)
+        mat = dataclasses.replace(fused, strategy="materialize", form_precision="tf32x3")
+        out += [fused, mat] if bat_default_strategy(problem, tile.block_m) == "fused" else [mat, fused]
+    gemm = bat_gemm_tile(arch, problem.dtype)
+    out.append(BatBackwardConfig("materialize", "tf32x3", "triton", GemmTile.of(gemm), sets.build, dblock, gemm.name))
+    return out
+
+
+def _complete(config: Any, default: Config, where: str) -> Config:
+    """``config`` with missing entries (and missing entries of its nested dicts) taken from ``default``."""
     if not isinstance(config, dict):
-        raise TypeError(f"bone backward config must be a dict; got {type(config).__name__}")
-    tiles = {
-        "dx": ("block_m", "block_k", "block_n"),
-        "t": ("block_m", "block_n", "block_r"),
-        "dblock": ("block_m", "block_r", "block_c", "block_n"),
-    }
-    for part, keys in tiles.items():
-        sub = config.get(part)
-        where = f"bone backward config[{part!r}]"
-        if not isinstance(sub, dict):
-            raise ValueError(f"{where} must be a dict; got {sub!r}")
-        for key in keys:
-            _check_tile(where, sub, key)
-        _check_launch(where, sub)
-    _check_tile("bone backward config['dx']", config["dx"], "group_m", minimum=1)
-    for part, key in (("t", "split_n"), ("dblock", "split_m")):
-        value = config[part].get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"bone backward config[{part!r}][{key!r}] must be a positive int; got {value!r}")
-    return config
+        raise TypeError(f"{where} must be a dict; got {type(config).__name__}")
+    unknown = sorted(set(config) - set(default))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(default)}")
+    out = {**default, **config}
+    for key, value in default.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            out[key] = {**value, **config[key]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per op: the backend's entry points
+# ----------------------------------------------------------------------------------------------------------
+
+TritonConfig = BoneForwardConfig | BoneBackwardConfig | BatForwardConfig | BatBackwardConfig
+
+CONFIG_TYPES: dict[str, type] = {
+    "bone_forward": BoneForwardConfig,
+    "bone_backward": BoneBackwardConfig,
+    "bat_forward": BatForwardConfig,
+    "bat_backward": BatBackwardConfig,
+}
+"""op -> its config dataclass."""
+
+_CANDIDATES = {
+    "bone_forward": bone_forward_candidates,
+    "bone_backward": bone_backward_candidates,
+    "bat_forward": bat_forward_candidates,
+    "bat_backward": bat_backward_candidates,
+}
+
+
+def candidates(problem: OpProblem, arch: str | None = None) -> list[TritonConfig]:
+    """Every config the autotuner may time for ``problem``, typed, the default first; ``arch`` (an architecture
+    family of :mod:`tiles`) defaults to the one of ``problem.device``."""
+    return _CANDIDATES[problem.op](problem, arch_of(problem.device) if arch is None else arch)
+
+
+def candidate_configs(problem: OpProblem) -> list[Config]:
+    """:func:`candidates` as JSON dicts (what :meth:`TritonBackend.configs` yields)."""
+    return [c.to_dict() for c in candidates(problem)]
+
+
+def default_config(problem: OpProblem) -> Config:
+    """The config used when nothing is tuned, as a JSON dict."""
+    return candidates(problem)[0].to_dict()
+
+
+def prepare(problem: OpProblem, config: Any) -> TritonConfig:
+    """Parse and validate a JSON ``config`` for ``problem`` into the op's dataclass (once per decision).
+
+    bat configs may leave entries out: they are taken from :func:`default_config`. A bone forward strategy must
+    serve the problem's r (:func:`forward_strategy_serves`). ValueError / TypeError name the bad entry.
+    """
+    cls = CONFIG_TYPES[problem.op]
+    if problem.op.startswith("bat"):
+        config = _complete(config, default_config(problem), cls.WHERE)
+    typed = cls.from_dict(config)
+    if isinstance(typed, BoneForwardConfig) and not forward_strategy_serves(
+        typed.strategy, problem.r, typed.tile.block_k
+    ):
+        raise ValueError(
+            f"{cls.WHERE}: strategy {typed.strategy!r} cannot serve r = {problem.r} with block_k = "
+            f"{typed.tile.block_k} ('group' needs r a power of two <= block_k; 'chunk' needs r >= 16; 'two_pass' "
+            "serves every r)"
+        )
+    return typed

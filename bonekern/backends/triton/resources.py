@@ -53,7 +53,7 @@ ARCHS: dict[str, int] = {"sm80": 80, "sm90": 90, "sm100": 100}
 """Compile target -> compute capability passed to ``GPUTarget``; each has its own baseline file."""
 
 FAMILY: dict[str, str] = {"sm80": "sm80", "sm90": "sm90", "sm100": "sm90"}
-"""Compile target -> the config family (``configs.arch_of``) whose tables a GPU of that target launches: datacenter
+"""Compile target -> the config family (``tiles.arch_of``) whose tables a GPU of that target launches: datacenter
 Blackwell (B200, sm_100) runs Hopper's tables, so they are compiled for both."""
 
 SHARED_LIMIT: dict[str, int] = {"sm80": 99 * 1024, "sm90": 227 * 1024, "sm100": 227 * 1024}

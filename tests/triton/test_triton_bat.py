@@ -4,9 +4,10 @@
   float64 reference, forward and every gradient, with shapes picked so each tiling of bat.py runs: r = 1 and
   r = 3 (broadcast formation, padded lanes), r = 16 (batched 3-D dot), r = 32 / 64 / 128 (sub-block tiles with
   one or several s-chunks), r = 48 (padded sub-blocks); M and N not multiples of the tile, strided and 3-D x.
-- Configs: every candidate of configs.py is accepted and runs; bad ones raise ValueError naming the entry.
+- Configs: every candidate of configs.py round-trips through its JSON form, is accepted and runs; bad ones raise
+  ValueError naming the entry (from prepare_config, once per decision).
 - Ahead-of-time compiles of ``bat.aot_cases()`` for sm_80 / sm_90 / sm_100 (every shipped config, and the
-  specialisations this file runs but the shipped inputs never reach) are in tests/test_triton_resources.py.
+  specialisations this file runs but the shipped inputs never reach) are in tests/triton/test_triton_resources.py.
 - GPU only (``@pytest.mark.gpu``): full-size numerics, and timings against cuBLAS and the torch backend.
 """
 
@@ -26,11 +27,24 @@ from tests.support import (
 pytest.importorskip("triton", reason="the triton package is not installed")
 
 from bonekern.backends.base import OpProblem
-from bonekern.backends.triton import bat, configs
+from bonekern.backends.triton import TritonBackend, bat, configs
+from bonekern.backends.triton.tiles import BAT_FP32, BAT_HALF, GemmTile, Tile
 
 
 def tiles(name: str) -> dict:
-    return configs.bat_tiles(name)
+    """The dict entries of a tile set: "m32n32k32w4s1" -> block_m .. num_stages and group_m 8 (no group_m without
+    block_m: the W' build kernel)."""
+    tile = Tile.parse(name)
+    return (tile if tile.block_m is None else GemmTile.of(tile)).to_dict()
+
+
+def prepared(op: str, p, config):
+    """``config`` (a dict, possibly partial) as the backend prepares it for p's ``op``; typed configs pass as is."""
+    if not isinstance(config, dict):
+        return config
+    k = p.weight.shape[1]
+    problem = OpProblem.from_tensors(op, p.x.reshape(-1, k).shape[0], p.weight, p.block, p.x.dtype)
+    return TritonBackend().prepare_config(problem, config)
 
 
 def fwd_config(strategy: str, gemm_tiles: str, *, gemm: str = "cublas", build: str = "n32k32w4s1", **extra) -> dict:
@@ -52,8 +66,8 @@ def run_kernels(p, fwd: dict, bwd: dict) -> dict[str, torch.Tensor]:
     n, k = p.weight.shape
     x2 = p.x.reshape(-1, k)
     dy2 = p.dy.reshape(-1, n)
-    y = bat.bat_forward(x2, p.weight, p.block, p.bias, fwd)
-    dx, dblock = bat.bat_backward(dy2, x2, p.weight, p.block, True, True, bwd)
+    y = bat.bat_forward(x2, p.weight, p.block, p.bias, prepared("bat_forward", p, fwd))
+    dx, dblock = bat.bat_backward(dy2, x2, p.weight, p.block, True, True, prepared("bat_backward", p, bwd))
     return {"y": y.reshape(p.dy.shape), "dx": dx.reshape(p.x.shape), "dblock": dblock}
 
 
@@ -213,15 +227,16 @@ def test_only_requested_gradients_are_computed(monkeypatch):
         raise AssertionError("a kernel ran for a gradient that was not asked for")
 
     with monkeypatch.context() as m:
-        m.setattr(bat, "block_gradient", forbidden)
-        dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, True, False, cfg)
+        m.setattr(bat, "_block_gradient", forbidden)
+        dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, True, False, prepared("bat_backward", p, cfg))
     assert db is None
     assert_close_to_reference(dx, want["dx"], torch.float32, "dx only", "triton")
     for strategy in ("fused", "materialize"):
+        only_db = prepared("bat_backward", p, {**cfg, "strategy": strategy})
         with monkeypatch.context() as m:
-            m.setattr(bat, "_launch_gemm", forbidden)
-            m.setattr(bat, "materialize_weight", forbidden)
-            dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, False, True, {**cfg, "strategy": strategy})
+            m.setattr(bat, "_run_gemm", forbidden)
+            m.setattr(bat, "_build_weight", forbidden)
+            dx, db = bat.bat_backward(p.dy, p.x, p.weight, p.block, False, True, only_db)
         assert dx is None
         assert_close_to_reference(db, want["dblock"], torch.float32, "dblock only", "triton")
 
@@ -245,10 +260,14 @@ def test_dblock_reductions_agree_and_partials_are_deterministic():
     backend_or_skip("triton")
     p = make_problem("bat", (21,), 32, 128, 16)
     dy, x, w, b = p.dy, p.x, p.weight, p.block
-    t = bat.Tiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
-    one = bat.block_gradient(dy, x, w, b, t, split_k=1)
-    parts = [bat.block_gradient(dy, x, w, b, t, split_k=4, reduce="partials") for _ in range(2)]
-    atomic = bat.block_gradient(dy, x, w, b, t, split_k=4, reduce="atomic")
+
+    def dblock(**db):
+        cfg = prepared("bat_backward", p, bwd_config("fused", "m16n32k32w4s1", "m16n32k32w4s1", **db))
+        return bat.bat_backward(dy, x, w, b, False, True, cfg)[1]
+
+    one = dblock(split_k=1)
+    parts = [dblock(split_k=4, reduce="partials") for _ in range(2)]
+    atomic = dblock(split_k=4, reduce="atomic")
     assert torch.equal(parts[0], parts[1])
     want = reference_outputs(p)["dblock"]
     for got in (one, parts[0], atomic):
@@ -268,26 +287,27 @@ def _problem(op: str, m: int, r: int, dtype: torch.dtype) -> OpProblem:
 
 
 def test_every_candidate_config_parses():
+    """Every shipped candidate's JSON form round-trips and passes prepare_config for its problem."""
     for arch in ARCHS:
         for r in (1, 3, 8, 16, 32, 48, 64, 128, 256, 512):
             for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 for m in (1, 4096):
-                    for op, plan in (("bat_forward", bat.ForwardPlan), ("bat_backward", bat.BackwardPlan)):
-                        candidates = configs.candidate_configs_for(_problem(op, m, r, dtype), arch)
+                    for op in ("bat_forward", "bat_backward"):
+                        problem = _problem(op, m, r, dtype)
+                        candidates = configs.candidates(problem, arch)
                         assert candidates, (arch, r, dtype, op)
-                        assert {c["strategy"] for c in candidates} == {"fused", "materialize"}
+                        assert {c.strategy for c in candidates} == {"fused", "materialize"}
                         for cfg in candidates:
-                            plan.parse(cfg, cfg)
+                            assert configs.prepare(problem, cfg.to_dict()) == cfg
 
 
 def test_shipped_tile_names_say_what_runs():
     """No shipped tile set is clamped by the kernels' fitting to its r class: its name is the tile that runs."""
-    tables = [(key[2], e) for key, e in configs.BAT_TABLE.items()] + list(configs.BAT_TABLE_FP32.items())
+    tables = [(key[1], e) for key, e in BAT_HALF.items()] + list(BAT_FP32.items())
     for r_class, entry in tables:
         r = {"small": 8, "r16": 16, "r32": 32, "r64": 64, "r128+": 128}[r_class]
-        for name in (*entry["fwd"], *entry["dx"], entry["dblock"], entry["build"]):
-            t = configs.bat_tiles(name)
-            assert bat._tiling(r, t["block_n"], t["block_k"])[1:] == (t["block_n"], t["block_k"]), (r_class, name)
+        for t in (*entry.fwd, *entry.dx, entry.dblock, entry.build):
+            assert bat._tiling(r, t.block_n, t.block_k)[1:] == (t.block_n, t.block_k), (r_class, t.name)
 
 
 def test_default_strategy_follows_m():
@@ -304,14 +324,10 @@ def test_gpu_candidates_run_under_the_interpreter(arch):
     for r, dtype in ((64, torch.bfloat16), (8, torch.float32)):
         p = make_problem("bat", (5,), 2 * max(r, 16), 2 * max(r, 16), r, dtype=dtype, seed=r)
         m = 5
-        fwd = configs.candidate_configs_for(OpProblem.from_tensors("bat_forward", m, p.weight, p.block, dtype), arch)
-        bwd = configs.candidate_configs_for(OpProblem.from_tensors("bat_backward", m, p.weight, p.block, dtype), arch)
-        seen = set()
-        for f, b in zip(fwd, bwd, strict=False):
-            key = repr((f, b))
-            if key not in seen:
-                seen.add(key)
-                check_kernels(p, f, b, f"{arch}/r{r}/{f['tiles']}/{f['strategy']}")
+        fwd = configs.candidates(OpProblem.from_tensors("bat_forward", m, p.weight, p.block, dtype), arch)
+        bwd = configs.candidates(OpProblem.from_tensors("bat_backward", m, p.weight, p.block, dtype), arch)
+        for f, b in dict.fromkeys(zip(fwd, bwd, strict=False)):  # each distinct pair once
+            check_kernels(p, f, b, f"{arch}/r{r}/{f.label}/{f.strategy}")
 
 
 @pytest.mark.parametrize(
@@ -330,13 +346,10 @@ def test_gpu_candidates_run_under_the_interpreter(arch):
     ],
 )
 def test_bad_configs_are_rejected(op, bad, match):
+    """prepare_config fills the missing entries from the default and rejects a bad one, naming it."""
     p = make_problem("bat", (4,), 32, 32, 16)
-    if op == "fwd":
-        with pytest.raises(ValueError, match=match):
-            bat.bat_forward(p.x, p.weight, p.block, p.bias, bad)
-    else:
-        with pytest.raises(ValueError, match=match):
-            bat.bat_backward(p.dy, p.x, p.weight, p.block, True, True, bad)
+    with pytest.raises(ValueError, match=match):
+        prepared("bat_forward" if op == "fwd" else "bat_backward", p, bad)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -362,8 +375,10 @@ def test_gpu_full_size_numerics(strategy):
 
     m, n, k, r = 2048, 4096, 4096, 64
     x, w, block, bias, dy = _gpu_problem(m, n, k, r, torch.bfloat16)
-    fwd = {**configs.default_config(OpProblem.from_tensors("bat_forward", m, w, block, x.dtype)), "strategy": strategy}
-    bwd = {**configs.default_config(OpProblem.from_tensors("bat_backward", m, w, block, x.dtype)), "strategy": strategy}
+    pf = OpProblem.from_tensors("bat_forward", m, w, block, x.dtype)
+    pb = OpProblem.from_tensors("bat_backward", m, w, block, x.dtype)
+    fwd = configs.prepare(pf, {**configs.default_config(pf), "strategy": strategy})
+    bwd = configs.prepare(pb, {**configs.default_config(pb), "strategy": strategy})
     y = bat.bat_forward(x, w, block, bias, fwd)
     dx, db = bat.bat_backward(dy, x, w, block, True, True, bwd)
     torch.cuda.synchronize()
@@ -397,13 +412,15 @@ def test_gpu_timing_against_cublas_and_torch_backend():
         torch.mm(dy.t(), x)
 
     def torch_bat():
-        torch_backend.bat_forward(x, w, block, bias, torch_backend.default_config(pf))
-        torch_backend.bat_backward(dy, x, w, block, True, True, torch_backend.default_config(pb))
+        torch_backend.bat_forward(x, w, block, bias, torch_backend.prepare_config(pf, torch_backend.default_config(pf)))
+        db_config = torch_backend.prepare_config(pb, torch_backend.default_config(pb))
+        torch_backend.bat_backward(dy, x, w, block, True, True, db_config)
 
     def triton_bat(strategy=None):
         f, b = configs.default_config(pf), configs.default_config(pb)
         if strategy:
             f, b = {**f, "strategy": strategy}, {**b, "strategy": strategy}
+        f, b = configs.prepare(pf, f), configs.prepare(pb, b)
         return lambda: (bat.bat_forward(x, w, block, bias, f), bat.bat_backward(dy, x, w, block, True, True, b))
 
     times = {

@@ -16,7 +16,8 @@ import torch
 
 from bonekern import reference
 from bonekern.backends import OpProblem
-from bonekern.backends.triton import configs
+from bonekern.backends.triton import TritonBackend, configs, tiles
+from bonekern.backends.triton.common import KernelEnv
 from tests.support import assert_close_to_reference, backend_or_skip, check_against_reference, make_problem
 
 pytest.importorskip("triton", reason="the triton package is not installed")
@@ -40,6 +41,19 @@ def bwd_cfg(split_n: int = 1, split_m: int = 1, block_r: int = 16, block_c: int 
         t=dict(small, block_r=block_r, split_n=split_n),
         dblock=dict(small, block_r=block_r, block_c=block_c, split_m=split_m),
     )
+
+
+def fwd_prepared(p, config: dict) -> configs.BoneForwardConfig:
+    """``config`` for p's forward as the backend prepares it (validated once, typed)."""
+    k = p.weight.shape[1]
+    problem = OpProblem.from_tensors("bone_forward", p.x.reshape(-1, k).shape[0], p.weight, p.block, p.x.dtype)
+    return TritonBackend().prepare_config(problem, config)
+
+
+def bwd_prepared(p, config: dict) -> configs.BoneBackwardConfig:
+    m = p.dy.reshape(-1, p.weight.shape[0]).shape[0]
+    problem = OpProblem.from_tensors("bone_backward", m, p.weight, p.block, p.x.dtype)
+    return TritonBackend().prepare_config(problem, config)
 
 
 @pytest.fixture
@@ -99,7 +113,7 @@ def test_forward_writes_group_sums_every_strategy():
     p = make_problem("bone", (27,), 40, 45, 16, strided_x=True)
     want = reference.group_sum(p.x.double(), 16)
     for strategy in ("group", "chunk", "two_pass"):
-        _, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg(strategy))
+        _, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_prepared(p, fwd_cfg(strategy)))
         assert s.dtype == torch.float32 and s.shape == (27, 16)
         assert_close_to_reference(s, want, torch.float32, f"S[{strategy}]", "triton")
 
@@ -142,7 +156,7 @@ def test_backward_launches_only_what_is_needed(launches):
     cfg = bwd_cfg(split_n=2, split_m=2)
     for need_dx, need_dblock in ((True, False), (False, True), (True, True)):
         launches.clear()
-        dx, dblock = bone.bone_backward(p.dy, s, p.weight, p.block, need_dx, need_dblock, cfg)
+        dx, dblock = bone.bone_backward(p.dy, s, p.weight, p.block, need_dx, need_dblock, bwd_prepared(p, cfg))
         names = {name for name, *_ in launches}
         assert (dx is not None) == need_dx and (dblock is not None) == need_dblock
         assert ({"_bone_bwd_t_kernel", "_bone_bwd_dx_kernel"} <= names) == need_dx
@@ -174,14 +188,14 @@ def test_kernels_read_x_and_dy_in_place(launches):
     """Strided x and an expanded (stride-0) dY reach the kernels as given: no hidden copies."""
     p = make_problem("bone", (25,), 24, 30, 16, strided_x=True)
     assert not p.x.is_contiguous()
-    bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("two_pass"))
-    for name, _, args, _ in launches:
-        assert args[0] is p.x, f"{name} did not get x itself"
+    bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_prepared(p, fwd_cfg("two_pass")))
+    for name, _, _, kwargs in launches:
+        assert kwargs["x_ptr"] is p.x, f"{name} did not get x itself"
     launches.clear()
     dy = torch.ones(1, 1).expand(25, 24)
     s = reference.group_sum(p.x, 16)
-    dx, dblock = bone.bone_backward(dy, s, p.weight, p.block, True, True, bwd_cfg(split_m=2))
-    assert any(args[0] is dy for *_, args, _ in launches) and any(args[1] is dy for *_, args, _ in launches)
+    dx, dblock = bone.bone_backward(dy, s, p.weight, p.block, True, True, bwd_prepared(p, bwd_cfg(split_m=2)))
+    assert all(kwargs["dy_ptr"] is dy for name, *_, kwargs in launches if name != "_sum_splits_kernel")
     p.dy = dy.contiguous()
     want = reference_grads(p, s)
     assert_close_to_reference(dx, want["dx"], torch.float32, "dx (expanded dY)", "triton")
@@ -193,11 +207,12 @@ def test_transposed_weight_and_block_strides():
     p = make_problem("mini", (19,), 32, 40, 16, mini_r=16)
     w_t = p.weight.t().contiguous().t()
     blk_t = p.block.t().contiguous().t()
-    y, s = bone.bone_forward(p.x, w_t, blk_t, p.bias, fwd_cfg("group"))
-    y0, s0 = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("group"))
+    fwd, bwd = fwd_prepared(p, fwd_cfg("group")), bwd_prepared(p, bwd_cfg())
+    y, s = bone.bone_forward(p.x, w_t, blk_t, p.bias, fwd)
+    y0, s0 = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd)
     torch.testing.assert_close(y, y0)
-    dx, db = bone.bone_backward(p.dy, s, w_t, blk_t, True, True, bwd_cfg())
-    dx0, db0 = bone.bone_backward(p.dy, s0, p.weight, p.block, True, True, bwd_cfg())
+    dx, db = bone.bone_backward(p.dy, s, w_t, blk_t, True, True, bwd)
+    dx0, db0 = bone.bone_backward(p.dy, s0, p.weight, p.block, True, True, bwd)
     torch.testing.assert_close(dx, dx0)
     torch.testing.assert_close(db, db0)
 
@@ -205,27 +220,29 @@ def test_transposed_weight_and_block_strides():
 def test_int64_offsets_path(monkeypatch):
     """The int64-offset specialisation computes the same numbers (forced on a small problem)."""
     p = make_problem("bone", (21,), 24, 35, 16)
-    want_y, want_s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("chunk"))
-    want = bone.bone_backward(p.dy, want_s, p.weight, p.block, True, True, bwd_cfg(split_m=2))
+    bwd = bwd_prepared(p, bwd_cfg(split_m=2))
+    want_y, want_s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_prepared(p, fwd_cfg("chunk")))
+    want = bone.bone_backward(p.dy, want_s, p.weight, p.block, True, True, bwd)
     monkeypatch.setattr(bone, "needs_int64", lambda *tensors: True)
     for strategy in ("group", "chunk", "two_pass"):
-        y, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg(strategy))
+        y, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_prepared(p, fwd_cfg(strategy)))
         torch.testing.assert_close(y, want_y)
         torch.testing.assert_close(s, want_s)
-    got = bone.bone_backward(p.dy, want_s, p.weight, p.block, True, True, bwd_cfg(split_m=2))
+    got = bone.bone_backward(p.dy, want_s, p.weight, p.block, True, True, bwd)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_precision_follows_torch_tf32_flag():
-    """fp32 dots: "tf32" exactly when torch would use TF32 (tests/test_triton_common.py); fp16/bf16 adapter dots:
+    """fp32 dots: "tf32" exactly when torch would use TF32 (tests/triton/test_triton_common.py); fp16/bf16 adapter dots:
     TF32 on the GPU."""
     f32, bf16 = torch.float32, torch.bfloat16
-    assert bone._dtypes_for(f32, f32, tf32=False, gpu=True, interpret=False)[2:4] == ("ieee", "ieee")
-    assert bone._dtypes_for(f32, f32, tf32=True, gpu=True, interpret=False)[2:4] == ("tf32", "tf32")
-    assert bone._dtypes_for(bf16, f32, tf32=False, gpu=True, interpret=False)[3] == "tf32"
-    assert bone._dtypes_for(torch.float64, f32, tf32=True, gpu=True, interpret=False)[2:4] == ("ieee", "ieee")
-    interp = bone._dtypes_for(bf16, f32, tf32=False, gpu=False, interpret=True)
+    gpu, gpu_tf32 = KernelEnv(gpu=True, tf32=False, interpret=False), KernelEnv(gpu=True, tf32=True, interpret=False)
+    assert bone.kernel_dtypes(f32, f32, gpu)[2:4] == ("ieee", "ieee")
+    assert bone.kernel_dtypes(f32, f32, gpu_tf32)[2:4] == ("tf32", "tf32")
+    assert bone.kernel_dtypes(bf16, f32, gpu)[3] == "tf32"
+    assert bone.kernel_dtypes(torch.float64, f32, gpu_tf32)[2:4] == ("ieee", "ieee")
+    interp = bone.kernel_dtypes(bf16, f32, KernelEnv(gpu=False, tf32=False, interpret=True))
     assert interp.dot == bone.tl.float32 and interp.adapter_precision == "ieee"
 
 
@@ -239,29 +256,37 @@ def test_nvtx_range_around_every_launch(monkeypatch, launches):
 
     monkeypatch.setattr(bone, "nvtx_range", record)
     p = make_problem("bone", (40,), 16, 20, 4)
-    _, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("two_pass"))
-    bone.bone_backward(p.dy, s, p.weight, p.block, True, True, bwd_cfg(split_m=2))
+    _, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_prepared(p, fwd_cfg("two_pass")))
+    bone.bone_backward(p.dy, s, p.weight, p.block, True, True, bwd_prepared(p, bwd_cfg(split_m=2)))
     assert len(opened) == len(launches) == 6
     assert all(name.startswith("bonekern.triton.bone_") for name in opened)
 
 
 def test_bad_configs_are_rejected_with_the_reason():
+    """prepare_config (once per decision) rejects what the kernels cannot run, naming the entry."""
     p = make_problem("bone", (4,), 16, 20, 3)
     with pytest.raises(ValueError, match="'group' needs r a power of two"):
-        bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("group"))
+        fwd_prepared(p, fwd_cfg("group"))
     with pytest.raises(ValueError, match="cannot serve r = 3"):
-        bone.bone_forward(p.x, p.weight, p.block, p.bias, fwd_cfg("chunk"))
+        fwd_prepared(p, fwd_cfg("chunk"))
     with pytest.raises(ValueError, match="strategy"):
-        bone.bone_forward(p.x, p.weight, p.block, p.bias, dict(fwd_cfg("two_pass"), strategy="magic"))
+        fwd_prepared(p, dict(fwd_cfg("two_pass"), strategy="magic"))
     with pytest.raises(ValueError, match="block_k"):
-        bone.bone_forward(p.x, p.weight, p.block, p.bias, dict(fwd_cfg("two_pass"), block_k=24))
+        fwd_prepared(p, dict(fwd_cfg("two_pass"), block_k=24))
     with pytest.raises(ValueError, match=r"\['t'\]\['split_n'\]"):
         bad = bwd_cfg()
         bad["t"]["split_n"] = 0
-        bone.bone_backward(p.dy, torch.zeros(4, 3), p.weight, p.block, True, False, bad)
+        bwd_prepared(p, bad)
     with pytest.raises(ValueError, match=r"\['dblock'\] must be a dict"):
-        no_dblock = {key: value for key, value in bwd_cfg().items() if key != "dblock"}
-        bone.bone_backward(p.dy, torch.zeros(4, 3), p.weight, p.block, True, False, no_dblock)
+        bwd_prepared(p, {key: value for key, value in bwd_cfg().items() if key != "dblock"})
+    with pytest.raises(ValueError, match=r"\['num_warps'\] must be a power of two"):
+        fwd_prepared(p, dict(fwd_cfg("two_pass"), num_warps=3))
+    with pytest.raises(ValueError, match=r"missing 'group_m'"):
+        fwd_prepared(p, {key: value for key, value in fwd_cfg("two_pass").items() if key != "group_m"})
+    with pytest.raises(ValueError, match=r"\['dx'\]: unknown keys \['warps'\]"):
+        bwd_prepared(p, dict(bwd_cfg(), dx=dict(bwd_cfg()["dx"], warps=4)))
+    with pytest.raises(TypeError, match="must be a dict; got list"):
+        fwd_prepared(p, [])
 
 
 def _problem(op: str, m: int, n: int, k: int, r: int, c: int, dtype: torch.dtype) -> OpProblem:
@@ -275,15 +300,14 @@ def test_every_candidate_config_is_valid_and_runs(arch):
     for r, c in ((1, 1), (3, 48), (16, 12), (32, 48), (64, 48), (96, 16), (128, 48)):
         for dtype in (torch.bfloat16, torch.float32):
             k = max(130, r)
-            fwd = configs.bone_forward_configs_for(_problem("bone_forward", 4096, 48, k, r, c, dtype), arch)
-            bwd = configs.bone_backward_configs_for(_problem("bone_backward", 4096, 48, k, r, c, dtype), arch)
-            assert fwd and bwd
-            for cfg in fwd:
-                configs.check_bone_forward_config(cfg, r)
-            for cfg in bwd:
-                configs.check_bone_backward_config(cfg)
-            family = configs.GEMM_TILES_BY_FAMILY[(arch, configs.dtype_family(dtype))]
-            assert fwd[0]["tiles"] == family[0][0] and bwd[0]["tiles"] == family[0][0]
+            for op in ("bone_forward", "bone_backward"):
+                problem = _problem(op, 4096, 48, k, r, c, dtype)
+                shipped = configs.candidates(problem, arch)
+                assert shipped
+                for cfg in shipped:  # the JSON form round-trips and passes validation for this problem
+                    assert configs.prepare(problem, cfg.to_dict()) == cfg
+                family = tiles.BONE_GEMM[(arch, tiles.dtype_family(dtype))]
+                assert shipped[0].label == family[0][0].name
     # Run each distinct candidate once on a small problem (r = 32 is served by every strategy and tile set).
     p = make_problem("mini", (20,), 48, 70, 32, mini_r=12)
     s_ref = reference.group_sum(p.x.double(), 32)
@@ -291,11 +315,11 @@ def test_every_candidate_config_is_valid_and_runs(arch):
     y_ref = reference.linear(p.x.double(), p.weight.double(), p.block.double(), p.bias.double(), "bone")
     for dtype in (torch.bfloat16, torch.float32):
         problem = _problem("bone_forward", 20, 48, 70, 32, 12, dtype)
-        for cfg in configs.bone_forward_configs_for(problem, arch):
+        for cfg in configs.candidates(problem, arch):
             y, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, cfg)
             assert_close_to_reference(y, y_ref, torch.float32, f"y {cfg}", "triton")
         problem = _problem("bone_backward", 20, 48, 70, 32, 12, dtype)
-        for cfg in configs.bone_backward_configs_for(problem, arch):
+        for cfg in configs.candidates(problem, arch):
             dx, dblock = bone.bone_backward(p.dy, s, p.weight, p.block, True, True, cfg)
             assert_close_to_reference(dx, want["dx"], torch.float32, f"dx {cfg}", "triton")
             assert_close_to_reference(dblock, want["dblock"], torch.float32, f"dblock {cfg}", "triton")
@@ -303,11 +327,9 @@ def test_every_candidate_config_is_valid_and_runs(arch):
 
 def test_few_tokens_default_to_short_tiles():
     for arch in ("sm80", "sm90"):
-        few = configs.bone_forward_configs_for(_problem("bone_forward", 16, 4096, 4096, 64, 4096, torch.bfloat16), arch)
-        many = configs.bone_forward_configs_for(
-            _problem("bone_forward", 4096, 4096, 4096, 64, 4096, torch.bfloat16), arch
-        )
-        assert few[0]["block_m"] == 64 and many[0]["block_m"] == 128
+        few = configs.candidates(_problem("bone_forward", 16, 4096, 4096, 64, 4096, torch.bfloat16), arch)
+        many = configs.candidates(_problem("bone_forward", 4096, 4096, 4096, 64, 4096, torch.bfloat16), arch)
+        assert few[0].tile.block_m == 64 and many[0].tile.block_m == 128
         assert sorted(map(str, few)) == sorted(map(str, many))  # the same candidates, another order
 
 
@@ -341,9 +363,8 @@ def test_every_shipped_config_on_gpu(r):
     x, w, blk = p.x.double(), p.weight.double(), p.block.double()
     y_ref = reference.linear(x, w, blk, p.bias.double(), "bone")
     s_ref = reference.group_sum(x, r)
-    arch = configs.arch_of(p.x.device)
     problem = OpProblem.from_tensors("bone_forward", 1000, p.weight, p.block, p.x.dtype)
-    for cfg in configs.bone_forward_configs_for(problem, arch):
+    for cfg in configs.candidates(problem):
         y, s = bone.bone_forward(p.x, p.weight, p.block, p.bias, cfg)
         assert_close_to_reference(y, y_ref, torch.bfloat16, f"y {cfg}", "triton")
         assert_close_to_reference(s, s_ref, torch.float32, f"S {cfg}", "triton")
@@ -352,7 +373,7 @@ def test_every_shipped_config_on_gpu(r):
     d = reference.expand_block(blk, 1536)
     dx_ref = dy @ w + (dy @ d.T)[:, torch.arange(1000, device="cuda") % r]
     db_ref = (s_ref.T @ dy).reshape(r, -1, 48).sum(1)
-    for cfg in configs.bone_backward_configs_for(problem, arch):
+    for cfg in configs.candidates(problem):
         dx, dblock = bone.bone_backward(p.dy, s, p.weight, p.block, True, True, cfg)
         again = bone.bone_backward(p.dy, s, p.weight, p.block, True, True, cfg)
         assert torch.equal(dx, again[0]) and torch.equal(dblock, again[1]), "split reductions must be deterministic"

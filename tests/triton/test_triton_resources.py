@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bonekern.backends import OpProblem
-from bonekern.backends.triton import common, configs, resources
+from bonekern.backends.triton import common, configs, resources, tiles
 
 pytest.importorskip("triton", reason="the triton package is not installed")
 
@@ -61,13 +61,13 @@ def test_problems_flags_every_rule():
 
 
 def test_every_compile_target_gets_the_tables_its_gpus_run(monkeypatch):
-    """Each compile target is compiled with the config family that configs.arch_of hands a GPU of that compute
+    """Each compile target is compiled with the config family that tiles.arch_of hands a GPU of that compute
     capability (sm_100, B200: Hopper's tables), and every shipped family is compiled."""
     assert set(resources.FAMILY) == set(resources.ARCHS) == set(resources.SHARED_LIMIT)
-    assert set(resources.FAMILY.values()) == set(configs.SHIPPED_ARCHS)
+    assert set(resources.FAMILY.values()) == set(tiles.SHIPPED_ARCHS)
     for target, capability in resources.ARCHS.items():
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=capability: divmod(cc, 10))
-        assert configs.arch_of(torch.device("cuda")) == resources.FAMILY[target], target
+        assert tiles.arch_of(torch.device("cuda")) == resources.FAMILY[target], target
 
 
 def test_baseline_files_exist_and_name_the_regeneration_command():
@@ -84,7 +84,7 @@ def _expected_keys(arch: str, family: str, dtype: str) -> set[str]:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     for r, c in ((1, 1), (3, 40), (16, 40), (32, 8), (64, 40), (128, 40)):
         problem = OpProblem("bone_forward", 4096, 4096, 4096, r, c, torch_dtype, torch.float32, torch.device("cpu"))
-        for cfg in configs.bone_forward_configs_for(problem, arch):
+        for cfg in (c.to_dict() for c in configs.candidates(problem, arch)):
             name, strategy = cfg["tiles"], cfg["strategy"]
             if strategy == "group":
                 keys |= {f"bone_fwd/group.{name}.r{cfg['block_k']}/{dtype}", f"bone_fwd/group.{name}.r8/{dtype}"}
@@ -93,7 +93,7 @@ def _expected_keys(arch: str, family: str, dtype: str) -> set[str]:
             if strategy == "two_pass":
                 keys.add(f"bone_group_sum/{'onehot' if r < 16 else 'groups'}/{dtype}")
         problem = OpProblem("bone_backward", 4096, 4096, 4096, r, c, torch_dtype, torch.float32, torch.device("cpu"))
-        for cfg in configs.bone_backward_configs_for(problem, arch):
+        for cfg in (c.to_dict() for c in configs.candidates(problem, arch)):
             keys.add(f"bone_bwd_dx/{cfg['tiles']}/{dtype}")
             block_r = cfg["t"]["block_r"]
             keys.add(f"bone_bwd_t/r{block_r}/{dtype}")
@@ -109,42 +109,43 @@ def _tile_of(key: str) -> str | None:
     return config_name if kernel == "bone_bwd_dx" else None
 
 
-@pytest.mark.parametrize("arch", configs.SHIPPED_ARCHS)
+@pytest.mark.parametrize("arch", tiles.SHIPPED_ARCHS)
 def test_every_shipped_bone_config_has_an_aot_case(arch):
     """What the configs hand to the kernels on sm_80/sm_90 is what the baseline compiles (bf16 and fp32: every
     tile set; fp16: the default tile set and the small kernels), with the same warps and stages."""
     cases = {resources.case_key(c): c for c in resources.all_cases() if arch in c.archs}
-    default = configs.GEMM_TILES_BY_FAMILY[(arch, "half")][0][0]
+    default = tiles.BONE_GEMM[(arch, "half")][0][0].name
     wanted = _expected_keys(arch, "half", "bf16") | _expected_keys(arch, "fp32", "fp32")
     wanted |= {k for k in _expected_keys(arch, "half", "fp16") if _tile_of(k) in (None, default)}
     assert wanted - cases.keys() == set()
     for key in wanted:
         tile = _tile_of(key)
         if tile is not None:
-            tiles = configs.GEMM_TILES[tile]
-            assert (cases[key].num_warps, cases[key].num_stages) == (tiles["num_warps"], tiles["num_stages"]), key
+            shape = tiles.Tile.parse(tile)
+            assert (cases[key].num_warps, cases[key].num_stages) == (shape.num_warps, shape.num_stages), key
 
 
-def _bat_tile_name(tiles: dict) -> str:
-    return configs.bat_tile_name(
-        tiles["block_n"], tiles["block_k"], tiles["num_warps"], tiles["num_stages"], tiles.get("block_m")
-    )
+def _bat_tile_name(entries: dict) -> str:
+    """The tile name of a config's tile entries (block_m absent for the W' build)."""
+    return tiles.Tile(
+        entries.get("block_m"), entries["block_n"], entries["block_k"], entries["num_warps"], entries["num_stages"]
+    ).name
 
 
-@pytest.mark.parametrize("arch", configs.SHIPPED_ARCHS)
+@pytest.mark.parametrize("arch", tiles.SHIPPED_ARCHS)
 def test_every_shipped_bat_config_has_an_aot_case(arch):
     """Each bat candidate of configs.py (per r class and dtype family: every candidate in bf16, the default tile
     set in fp32) launches kernels that are among the baseline cases for ``arch``, with the same warps and stages;
     the specs cover every r class of both dtype families."""
     cases = {resources.case_key(c): c for c in resources.all_cases() if arch in c.archs and c.in_baseline}
     for family in ("half", "fp32"):
-        rs = [r for r, dt, _ in bat.AOT_SPECS if configs.dtype_family(dt) == family]
-        assert {configs.bat_r_class(r) for r in rs} == set(configs.BAT_R_CLASSES), family
+        rs = [r for r, dt, _ in bat.AOT_SPECS if tiles.dtype_family(dt) == family]
+        assert {tiles.bat_r_class(r) for r in rs} == set(tiles.BAT_R_CLASSES), family
     for r, dtype, default_only in bat.AOT_SPECS:
         short = common.TRITON_TYPE_NAMES[str(dtype)]
         for op, prefix in (("bat_forward", "fwd"), ("bat_backward", "dx")):
             problem = OpProblem(op, 4096, 4096, 4096, r, r, dtype, torch.float32, torch.device("cpu"))
-            candidates = configs.candidate_configs_for(problem, arch)
+            candidates = [c.to_dict() for c in configs.candidates(problem, arch)]
             if default_only:
                 candidates = [c for c in candidates if c["tiles"] == candidates[0]["tiles"] or c["gemm"] == "triton"]
             for cfg in candidates:
@@ -158,16 +159,17 @@ def test_every_shipped_bat_config_has_an_aot_case(arch):
                         launched[f"bat_{prefix}_gemm/{cfg['tiles']}/{short}"] = gemm
                 if op == "bat_backward":
                     launched[f"bat_dblock/{_bat_tile_name(cfg['dblock'])}.r{r}/{short}"] = cfg["dblock"]
-                for key, tiles in launched.items():
+                for key, entries in launched.items():
                     assert key in cases, (arch, r, cfg)
-                    assert (cases[key].num_warps, cases[key].num_stages) == (tiles["num_warps"], tiles["num_stages"])
+                    want = (entries["num_warps"], entries["num_stages"])
+                    assert (cases[key].num_warps, cases[key].num_stages) == want
 
 
 def test_checked_specialisations_cover_the_inputs_outside_the_baseline():
     """fp64 and fp16 x, an fp64 block, int64 offsets, the atomic dB reduction and r = 1, 3, 48 are compiled for
     both architectures (held to the absolute rules, not stored)."""
     checked = [c for c in resources.all_cases() if not c.in_baseline]
-    assert all(set(c.archs) == set(configs.SHIPPED_ARCHS) for c in checked)
+    assert all(set(c.archs) == set(tiles.SHIPPED_ARCHS) for c in checked)
     assert {c.kernel for c in checked} == set(bat.AOT_KERNELS)
     parts = {p for c in checked for p in c.config_name.split(".")}
     assert {"fp64", "fp16"} <= {c.dtype for c in checked}
