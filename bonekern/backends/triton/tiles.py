@@ -210,10 +210,10 @@ program."""
 
 ADAPTER_DELTA: dict[tuple[str, str], tuple[Tile, ...]] = {
     # delta = S D (M, N): a write-bound kernel (r MACs per written element); wide n tiles for long stores.
-    ("sm90", "half"): tiles("m64n128w4s2", "m128n128w8s2"),
-    ("sm80", "half"): tiles("m64n128w4s2", "m128n128w8s2"),
-    ("sm90", "fp32"): tiles("m64n64w4s2", "m32n128w4s2"),
-    ("sm80", "fp32"): tiles("m64n64w4s2", "m32n128w4s2"),
+    ("sm90", "half"): tiles("m64n128w4s1", "m128n128w8s1"),
+    ("sm80", "half"): tiles("m64n128w4s1", "m128n128w8s1"),
+    ("sm90", "fp32"): tiles("m64n64w4s1", "m32n128w4s1"),
+    ("sm80", "fp32"): tiles("m64n64w4s1", "m32n128w4s1"),
     ("interpreter", "half"): tiles("m32n32w4s1"),
     ("interpreter", "fp32"): tiles("m32n32w4s1"),
 }
