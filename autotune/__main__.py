@@ -2,7 +2,8 @@
 
 import sys
 
+from .argtypes import run_guarded
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main, prog="python -m autotune"))

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from . import argtypes
+from .argtypes import EXIT_CODES_HELP, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE
 from .entries import Entry
 from .keys import profile_name
-from .presets import MODELS, SHAPE_HELP, LayerShape, find_model, layer_shapes, parse_shape
+from .presets import LAYERS, MODELS, SHAPE_HELP, LayerShape, find_model, layer_shapes, parse_shape
 from .provider import DEFAULT_PROVIDER, Provider, load_provider
-from .store import Table, atomic_write_text, dump_table, parse_table, read_table
+from .store import Table, atomic_write_text, dump_table, read_table_file
 from .timing import CpuTimer
 
 
@@ -96,22 +98,29 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     settings = tuner.settings()
     if importlib.util.find_spec("tqdm") is None:
         err.write("error: `python -m autotune tune` needs tqdm (its progress bar): pip install 'bonekern[autotune]'\n")
-        return 2
+        return EXIT_USAGE
     if settings.interpreter:
         err.write("error: TRITON_INTERPRET=1 is set; timings under the Triton interpreter mean nothing. Unset it.\n")
-        return 2
+        return EXIT_USAGE
     shapes: list[LayerShape] = []
     for model in args.model or []:
         shapes += [s for s in layer_shapes(model) if not args.layers or set(s.layers) & set(args.layers)]
     shapes += args.shape or []
     if not shapes:
         err.write("error: give --model and/or --shape\n")
-        return 2
+        return EXIT_USAGE
     device = args.device or provider.default_device()
+    problem = provider.device_problem(device)
+    if problem:
+        err.write(f"error: argument --device: {problem}\n")
+        return EXIT_USAGE
     dtypes = args.dtype or (["bfloat16"] if device.startswith("cuda") else ["float32"])
     jobs, notes = provider.jobs(shapes, args.tokens, dtypes, device, args)
     for note in notes:
         err.write(f"note: {note}\n")
+    if not jobs:
+        err.write("error: nothing to tune: every shape, variant and r combination was skipped (see the notes)\n")
+        return EXIT_USAGE
     cache = tuner.cache(settings)
     timer = None
     if args.repeats is not None and not device.startswith("cuda"):
@@ -156,20 +165,21 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     progress.close()
     out.write(format_table(["problem", "status", "winner", "best ms", "default ms", "speed-up"], rows) + "\n")
     out.write(f"cache: {cache.describe()}\n")
-    return 0
-
-
-def _load_for_show(provider: Provider, args: argparse.Namespace, err: TextIO) -> tuple[Table, str]:
-    tuner = provider.tuner()
-    if args.file:
-        path = Path(args.file)
-        return read_table(path, "file", lambda msg: err.write(f"warning: {msg}\n")), str(path)
-    cache = tuner.cache()
-    return cache.table(), cache.describe()
+    return EXIT_OK
 
 
 def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    table, where = _load_for_show(provider, args, err)
+    if args.file:
+        table, problem = read_table_file(args.file)
+        if problem and not len(table):
+            err.write(f"error: argument --file: {args.file}: {problem}\n")
+            return EXIT_USAGE
+        if problem:
+            err.write(f"warning: {args.file}: {problem}\n")
+        where = str(args.file)
+    else:
+        cache = provider.tuner().cache()
+        table, where = cache.table(), cache.describe()
     entries = sorted(table.entries(), key=lambda e: (e.key.device, e.key.op, e.key.problem, e.key.scope, e.key.m))
     fields: list[str] = []
     for e in entries:
@@ -197,14 +207,18 @@ def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     out.write(f"{where}: {len(entries)} entries\n")
     if rows:
         out.write(format_table(headers, rows) + "\n")
-    return 0
+    return EXIT_OK
 
 
 def cmd_export(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     table = provider.tuner().cache().table()
     devices = args.device or [name for _, name in provider.devices()]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.write(f"error: argument --out-dir: cannot create {out_dir} ({exc.strerror or exc})\n")
+        return EXIT_USAGE
     written = 0
     for device in devices:
         chosen = [e for e in table.entries() if e.key.device == device]
@@ -220,7 +234,7 @@ def cmd_export(provider: Provider, args: argparse.Namespace, out: TextIO, err: T
         path = out_dir / profile_name(device)
         existing = Table()
         if path.exists() and not args.replace:
-            existing, problem = parse_table(path.read_text(encoding="utf-8"))
+            existing, problem = read_table_file(path)
             if problem:
                 err.write(f"warning: {path}: {problem}; replacing it\n")
         merged = existing.merged(fresh)
@@ -229,7 +243,7 @@ def cmd_export(provider: Provider, args: argparse.Namespace, out: TextIO, err: T
         atomic_write_text(path, text)
         out.write(f"wrote {path}: {len(merged)} entries ({len(fresh)} from {provider.tuner().cache().describe()})\n")
         written += 1
-    return 0 if written else 1
+    return EXIT_OK if written else EXIT_REGRESSION
 
 
 def cmd_clear(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -242,13 +256,13 @@ def cmd_clear(provider: Provider, args: argparse.Namespace, out: TextIO, err: Te
 
     removed = cache.remove(drop)
     out.write(f"removed {removed} entries from {cache.describe()}; {len(cache.table())} left\n")
-    return 0
+    return EXIT_OK
 
 
 def cmd_presets(provider: Provider | None, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows = [[name, "/".join(s.layers), s.n, s.k] for name in MODELS for s in layer_shapes(name)]
     out.write(format_table(["model", "layer", "N (out)", "K (in)"], rows) + "\n")
-    return 0
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -270,26 +284,41 @@ def build_parser(provider_hook: Provider | None = None) -> argparse.ArgumentPars
         default=None,
         help=f"entry point (group autotune.providers) or module with autotune_provider() (default: {DEFAULT_PROVIDER})",
     )
-    parser = argparse.ArgumentParser(prog="python -m autotune", description=__doc__.split("\n")[0], parents=[common])
+    parser = argparse.ArgumentParser(
+        prog="python -m autotune", description=__doc__.split("\n")[0], parents=[common], epilog=EXIT_CODES_HELP
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     tune = sub.add_parser("tune", parents=[common], help="time candidates for model presets or shapes, fill the cache")
     tune.add_argument("--model", nargs="+", type=_model, help=f"model presets: {', '.join(MODELS)}")
-    tune.add_argument("--layers", nargs="+", help="only these preset layers (q k v o gate up down)")
+    tune.add_argument("--layers", nargs="+", choices=LAYERS, help=f"only these preset layers ({' '.join(LAYERS)})")
     tune.add_argument("--shape", nargs="+", type=_parse_shape, help=f"explicit weight shapes: {SHAPE_HELP}")
-    tune.add_argument("--tokens", nargs="+", type=int, default=[2048], help="M values to tune (default: 2048)")
+    tune.add_argument(
+        "--tokens", nargs="+", type=argtypes.positive_int, default=[2048], help="M values to tune (default: 2048)"
+    )
     tune.add_argument("--dtype", nargs="+", help="dtypes (default: bfloat16 on a GPU, float32 on the CPU)")
     tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     tune.add_argument("--force", action="store_true", help="retune problems already in the cache")
-    tune.add_argument("--repeats", type=int, help="at most this many timed runs per candidate on the CPU (default 10)")
+    tune.add_argument(
+        "--repeats",
+        type=argtypes.positive_int,
+        help="at most this many timed runs per candidate on the CPU (default 10)",
+    )
     if provider_hook is not None:
         provider_hook.add_tune_arguments(tune)
 
     show = sub.add_parser("show", parents=[common], help="print the cache (or a profile) as a table")
-    show.add_argument("--file", help="show this cache or profile file instead of the user cache")
+    show.add_argument(
+        "--file", type=argtypes.existing_file, help="show this cache or profile file instead of the user cache"
+    )
 
     export = sub.add_parser("export", parents=[common], help="write profiles/<device>.json from the user cache")
-    export.add_argument("--out-dir", default="profiles", help="directory to write to (default: ./profiles)")
+    export.add_argument(
+        "--out-dir",
+        type=argtypes.output_dir,
+        default=Path("profiles"),
+        help="directory to write to (default: ./profiles)",
+    )
     export.add_argument("--device", nargs="+", help="device names to export (default: the devices present)")
     export.add_argument("--replace", action="store_true", help="overwrite an existing profile instead of merging")
 
@@ -319,10 +348,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             provider = load_provider(pre.provider)
         except ValueError as exc:
             err.write(f"error: {exc}\n")
-            return 2
+            return EXIT_USAGE
     args = build_parser(provider).parse_args(argv)
     try:
         return COMMANDS[args.command](provider, args, out, err)
     except ValueError as exc:
         err.write(f"error: {exc}\n")
-        return 2
+        return EXIT_USAGE

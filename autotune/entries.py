@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,9 +58,15 @@ class Timing:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Timing:
         ms = data.get("ms")
-        if ms is not None and not isinstance(ms, (int, float)):
-            raise TypeError(f"ms must be a number; got {ms!r}")
-        return Timing(Candidate.from_json(data), ms, int(data.get("samples", 0)), data.get("error"))
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms)):
+            raise TypeError(f"ms must be a finite number; got {ms!r}")
+        samples = data.get("samples", 0)
+        error = data.get("error")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise TypeError(f"samples must be an int >= 0; got {samples!r}")
+        if error is not None and not isinstance(error, str):
+            raise TypeError(f"error must be a string; got {error!r}")
+        return Timing(Candidate.from_json(data), ms, samples, error)
 
 
 @dataclass(frozen=True)
@@ -100,14 +107,21 @@ class Entry:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Entry:
         """Inverse of :meth:`to_json`; raises KeyError/TypeError/ValueError on a malformed object."""
+        m_tuned, timer, tuned_at = data["m_tuned"], data["timer"], data["tuned_at"]
+        if isinstance(m_tuned, bool) or not isinstance(m_tuned, int) or m_tuned < 1:
+            raise TypeError(f"m_tuned must be an int >= 1; got {m_tuned!r}")
+        if not isinstance(timer, str) or not isinstance(tuned_at, str):
+            raise TypeError(f"timer and tuned_at must be strings; got {timer!r}, {tuned_at!r}")
+        if not isinstance(data["timings"], list):
+            raise TypeError(f"timings must be a list; got {type(data['timings']).__name__}")
         return Entry(
             TuningKey.from_json(data["key"]),
             Candidate.from_json(data["choice"]),
             Candidate.from_json(data["default"]),
             tuple(Timing.from_json(t) for t in data["timings"]),
-            int(data["m_tuned"]),
-            str(data["timer"]),
-            str(data["tuned_at"]),
+            m_tuned,
+            timer,
+            tuned_at,
         )
 
 

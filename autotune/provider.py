@@ -69,6 +69,10 @@ class Provider(Protocol):
         """The device ``tune`` uses when ``--device`` is not given ("cuda" when present, else "cpu")."""
         ...
 
+    def device_problem(self, device: str) -> str | None:
+        """Why ``tune`` cannot run on ``device`` (unknown name, absent device), as one sentence; None if it can."""
+        ...
+
 
 def load_provider(name: str | None = None) -> Provider:
     """The provider registered as entry point ``name`` (default :data:`DEFAULT_PROVIDER`), else the module

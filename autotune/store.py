@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .argtypes import parse_json_text, regular_file_problem
 from .entries import Entry
 from .keys import TuningKey, nearest_bucket
 from .log import AutotuneWarning
@@ -113,21 +114,27 @@ class Table:
         return Hit(by_bucket[nearest_bucket(key.m, by_bucket)], exact=False)
 
 
-def parse_table(text: str) -> tuple[Table, str | None]:
+def parse_table(text: str | bytes) -> tuple[Table, str | None]:
     """Parse a cache or profile file. Returns the table and, when something was wrong, what (else None).
 
-    An empty, truncated, non-JSON or foreign-schema file gives an empty table; malformed entries in an
-    otherwise good file are skipped and counted.
+    Never raises: an empty, truncated, non-UTF-8, non-JSON, too deeply nested or foreign-schema file gives an
+    empty table; malformed entries in an otherwise good file (wrong types, numbers out of range) are skipped
+    and counted.
     """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Table(), f"it is not UTF-8 text ({exc.reason} at byte {exc.start})"
     if not text.strip():
         return Table(), "the file is empty"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Table(), f"it is not valid JSON (corrupt or truncated: {exc})"
+        data = parse_json_text(text, "file")
+    except ValueError as exc:
+        return Table(), str(exc).removeprefix("file: ")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        return Table(), f"its schema is {found!r}, not {SCHEMA!r}"
+        return Table(), f"its schema is {_short(found)}, not {SCHEMA!r}"
     raw = data.get("entries")
     if not isinstance(raw, list):
         return Table(), "its 'entries' is not a list"
@@ -136,9 +143,34 @@ def parse_table(text: str) -> tuple[Table, str | None]:
     for item in raw:
         try:
             table.add(Entry.from_json(item))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except Exception:  # any malformed entry (KeyError, TypeError, OverflowError from 1e999, ...) is skipped
             bad += 1
     return table, (f"{bad} malformed entries were skipped" if bad else None)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if isinstance(value, (str, int, float, type(None))) else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_table_file(path: Path) -> tuple[Table, str | None]:
+    """Read a cache or profile file at ``path`` without ever blocking or raising.
+
+    A missing file is an empty table with no problem; a FIFO, device or directory is skipped without being
+    opened; anything unreadable or malformed gives an empty table (or the good entries) and what was wrong.
+    """
+    problem = regular_file_problem(path)
+    if problem == "it does not exist":
+        return Table(), None
+    if problem:
+        return Table(), problem
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return Table(), None
+    except OSError as exc:
+        return Table(), f"it cannot be read ({exc.strerror or exc})"
+    return parse_table(raw)
 
 
 def dump_table(table: Table, kind: str, **meta: Any) -> str:
@@ -149,29 +181,38 @@ def dump_table(table: Table, kind: str, **meta: Any) -> str:
 
 
 def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Table:
-    """Read a profile (a path or a package resource); a missing file is an empty table, a bad one warns."""
-    try:
-        text = source.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return Table()
-    except (OSError, UnicodeDecodeError) as exc:
-        warn(f"cannot read {what} {source}: {exc}; ignoring it")
-        return Table()
-    table, problem = parse_table(text)
+    """Read a profile (a path or a package resource); a missing file is an empty table, a bad one warns once."""
+    if isinstance(source, Path):
+        table, problem = read_table_file(source)
+    else:
+        try:
+            table, problem = parse_table(source.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            return Table()
+        except (OSError, UnicodeDecodeError) as exc:
+            table, problem = Table(), f"it cannot be read ({exc})"
     if problem:
         warn(f"{what} {source}: {problem}; ignoring {'those' if len(table) else 'it'}")
     return table
 
 
+NEW_FILE_MODE = 0o644
+"""Permissions of a file the store creates, or rewrites when the old one was not readable and writable by its
+owner (a cache with mode 000 is not worth preserving)."""
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one.
 
-    The file keeps its permissions when it exists; a new one is readable by all (0644), like a plain ``open``.
+    The file keeps its permissions when it exists and its owner may read and write it; otherwise (a new file,
+    or one whose mode was broken, e.g. 000) it gets :data:`NEW_FILE_MODE`.
     """
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        mode = 0o644
+        mode = NEW_FILE_MODE
+    if mode & 0o600 != 0o600:
+        mode = NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, mode)
@@ -201,7 +242,8 @@ class CacheFile:
     # -- reporting ---------------------------------------------------------------------------------------
 
     def _warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
+        """At most one warning per cache file: the first thing found wrong with this location."""
+        if not self._warned:
             self._warned.add(kind)
             warnings.warn(message, AutotuneWarning, stacklevel=4)
 
@@ -220,14 +262,7 @@ class CacheFile:
 
     def _read_disk(self) -> Table:
         assert self.path is not None
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (FileNotFoundError, NotADirectoryError):  # not written yet (a write will say if it cannot be)
-            return Table()
-        except (OSError, UnicodeDecodeError) as exc:
-            self._warn_once("read", f"autotune cache {self.path} cannot be read ({exc}); ignoring it")
-            return Table()
-        table, problem = parse_table(text)
+        table, problem = read_table_file(self.path)
         if problem:
             self._warn_once("corrupt", f"autotune cache {self.path}: {problem}; ignoring it, it will be rewritten")
         return table
@@ -248,14 +283,25 @@ class CacheFile:
             return None
         from filelock import FileLock, Timeout
 
+        lock_path = Path(f"{self.path}.lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(f"{self.path}.lock", timeout=LOCK_TIMEOUT_S):
+            if self.path.exists() and not self.path.is_file():
+                self._fall_back_to_memory(f"{self.path} is not a regular file, so it is left alone")
+                return None
+            # filelock retries for the whole timeout when the lock file cannot be created at all, and then blames
+            # another process; creating it first says what is really wrong, at once.
+            try:
+                os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE))
+            except OSError as exc:
+                self._fall_back_to_memory(f"cannot create the lock file {lock_path} ({exc.strerror or exc})")
+                return None
+            with FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
                 table = update(self._read_disk())
                 atomic_write_text(self.path, dump_table(table, "cache"))
             return table
         except Timeout:
-            self._fall_back_to_memory(f"another process held {self.path}.lock for over {LOCK_TIMEOUT_S:.0f} s")
+            self._fall_back_to_memory(f"another process held {lock_path} for over {LOCK_TIMEOUT_S:.0f} s")
         except OSError as exc:
             self._fall_back_to_memory(f"cannot write {self.path} ({exc.strerror or exc})")
         return None

@@ -1,7 +1,8 @@
 """The command line of ``python -m bench``; see ``python -m bench --help``.
 
-Exit status: 0 when everything measured and matched; 1 when ``--compare`` found a regression; 2 for bad
-arguments; 3 when an implementation failed or its outputs did not match PEFT's (its numbers mean nothing then).
+Exit status (:mod:`autotune.argtypes`): 0 when everything measured and matched; 1 when ``--compare`` found a
+regression; 2 for bad arguments or when no case is valid (checked before anything is measured); 3 when an
+implementation failed or its outputs did not match PEFT's (its numbers mean nothing then).
 """
 
 from __future__ import annotations
@@ -10,13 +11,23 @@ import argparse
 import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from autotune.argtypes import (
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REGRESSION,
+    json_file,
+    non_negative_float,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from autotune.presets import SHAPE_HELP
-from bonekern.variants import VARIANTS
+from bonekern.variants import VARIANTS, make_spec
 
 from . import compare as compare_mod
 from . import report
@@ -39,8 +50,6 @@ DTYPES: dict[str, torch.dtype] = {
 DEFAULT_DTYPE: dict[str, torch.dtype] = {"cpu": torch.float32, "cuda": torch.bfloat16}
 """The layer dtype when neither --dtype nor the suite names one: what fine-tuning runs in on each device."""
 
-EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
-
 
 def _names(kind: str, allowed: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
@@ -59,19 +68,6 @@ def _dtype(text: str) -> torch.dtype:
     return DTYPES[text]
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}; got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}; got {text!r}")
-        return v
-
-    return parse
-
-
 def _shape(text: str):
     try:
         return parse_shape(text)
@@ -84,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Time and memory of bonekern's backends against PEFT's MiSS layer, PEFT LoRA with the same "
         "number of trainable parameters, and the frozen linear layer alone.",
+        epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--suite", choices=tuple(SUITES), default="quick", help="preset (default quick); see --list")
     p.add_argument("--list", action="store_true", help="print every suite's description and shapes, then exit")
@@ -104,22 +101,29 @@ def parser() -> argparse.ArgumentParser:
         type=_dtype,
         help="layer dtype (default: float32 on CPU, bfloat16 on CUDA); adapters stay float32 as in PEFT",
     )
-    p.add_argument("--tokens", type=_positive(int), help="M, rows of x (default: the suite's, per device)")
-    p.add_argument("--r", type=_positive(int), help="block size r (default 64)")
-    p.add_argument("--mini-r", type=_positive(int), help="mini's block columns (default r)")
+    p.add_argument("--tokens", type=positive_int, help="M, rows of x (default: the suite's, per device)")
+    p.add_argument("--r", type=positive_int, help="block size r (default 64)")
+    p.add_argument("--mini-r", type=positive_int, help="mini's block columns (default r)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
-    p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--budget", type=_positive(float), default=0.5, help="seconds of timed calls per measurement (default 0.5)"
+        "--budget", type=positive_float, default=0.5, help="seconds of timed calls per measurement (default 0.5)"
+    )
+    p.add_argument("--min-repeats", type=positive_int, default=5, help="fewest timed calls per measurement (default 5)")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="write every result and the environment as JSON")
+    p.add_argument("--csv", metavar="PATH", type=output_file, help="write one CSV row per case and implementation")
+    p.add_argument(
+        "--plot", metavar="PNG", type=output_file, help="bar charts of time and peak memory (matplotlib, Agg)"
     )
     p.add_argument(
-        "--min-repeats", type=_positive(int), default=5, help="fewest timed calls per measurement (default 5)"
+        "--compare", metavar="BASELINE.json", type=json_file, help="exit 1 if a metric regressed against this --json"
     )
-    p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
-    p.add_argument("--csv", metavar="PATH", help="write one CSV row per case and implementation")
-    p.add_argument("--plot", metavar="PNG", help="bar charts of time and peak memory (matplotlib, Agg)")
-    p.add_argument("--compare", metavar="BASELINE.json", help="exit 1 if a metric regressed against this --json")
-    p.add_argument("--threshold", type=float, default=10.0, help="regression threshold in percent (default 10)")
+    p.add_argument(
+        "--threshold",
+        type=non_negative_float,
+        default=10.0,
+        help="regression threshold in percent, >= 0 (default 10)",
+    )
     p.add_argument(
         "--autotune",
         choices=("lookup", "on", "off"),
@@ -149,9 +153,16 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     tokens = args.tokens or suite.tokens.get(device.type, suite.tokens["cpu"])
     r = args.r or suite.r
     mini_r = args.mini_r or r
-    cases = [
-        Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device) for shape in shapes for v in variants
-    ]
+    cases, skipped = [], []
+    for shape in shapes:
+        for v in variants:
+            case = Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device)
+            try:
+                make_spec(v, shape.n, shape.k, r, case.mini_r)
+            except ValueError as exc:
+                skipped.append(f"{case.case_id}: {exc}")
+                continue
+            cases.append(case)
     settings = {
         "suite": args.suite + (" (custom shapes)" if args.shape else ""),
         "device": str(device),
@@ -164,6 +175,7 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
         "budget_s": args.budget,
         "min_repeats": args.min_repeats,
         "autotune": os.environ.get("BONEKERN_AUTOTUNE", "1"),
+        "skipped": skipped,
     }
     return cases, impls, settings
 
@@ -195,18 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         try:
             baseline = compare_mod.load(args.compare)
-        except (OSError, ValueError) as e:
-            p.error(f"--compare {args.compare}: {e}")
-    for option in ("json", "csv", "plot"):
-        path = getattr(args, option)
-        if path and not Path(path).resolve().parent.is_dir():
-            p.error(f"--{option} {path}: the directory does not exist")
+        except ValueError as e:
+            p.error(f"argument --compare: {e}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib (pip install 'bonekern[bench]')")
     device = _device(args, SUITES[args.suite].device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     cases, impls, settings = build_cases(args, device)
+    for line in settings["skipped"]:
+        print(f"skipped {line}", file=sys.stderr)
+    if not cases:
+        p.error("nothing valid to measure: every case was skipped (see above)")
     env = report.environment(device)
     print("\n".join(report.header_lines(env, settings)), flush=True)
 

@@ -8,10 +8,12 @@ now is a regression.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from autotune.argtypes import read_json_file
 
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("fwd_median_ms", "forward median", "ms"),
@@ -47,10 +49,30 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:.3f} ms" if unit == "ms" else f"{v / (1 << 20):.2f} MiB"
 
 
-def load(path: str) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or "results" not in data:
-        raise ValueError("not a `python -m bench --json` result (no 'results' list)")
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``--json`` result; ValueError with one line saying what is wrong with it.
+
+    Checked here, before anything is measured: the file is a regular JSON file, its ``results`` a list of records
+    with string ``case_id`` and ``impl``, and every metric a finite number >= 0 or null.
+    """
+    data = read_json_file(Path(path))
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path}: not a `python -m bench --json` result (no 'results' list)")
+    if not isinstance(data.get("environment", {}), dict):
+        raise ValueError(f"{path}: its 'environment' is not an object")
+    for i, record in enumerate(data["results"]):
+        where = f"{path}: results[{i}]"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is not an object")
+        for field in ("case_id", "impl"):
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{where}: {field!r} must be a string; got {type(record.get(field)).__name__}")
+        for field, _, _ in METRICS:
+            value = record.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{where}: {field!r} must be a finite number >= 0 or null; got {value!r}")
     return data
 
 

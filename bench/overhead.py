@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 import torch
 
+from autotune.argtypes import positive_int, run_guarded
+from bonekern.variants import make_spec
+
 
 def _step_fn(path: str, variant: str, m: int, n: int, k: int, r: int) -> Callable[[], None]:
     import bonekern
@@ -76,15 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("bone", "bat"), default="bone")
     parser.add_argument("--shape", default="16x64x64", help="MxNxK: tokens x out_features x in_features")
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--calls", type=int, default=20, help="calls per timed sample")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cost on one core)")
+    parser.add_argument("--r", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=200)
+    parser.add_argument("--calls", type=positive_int, default=20, help="calls per timed sample")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads (default 1: the cost on one core)"
+    )
     args = parser.parse_args(argv)
     try:
-        m, n, k = (int(v) for v in args.shape.lower().split("x"))
-    except ValueError:
-        parser.error(f"--shape takes MxNxK, e.g. 16x64x64; got {args.shape!r}")
+        m, n, k = (positive_int(v) for v in args.shape.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        parser.error(f"argument --shape: expected MxNxK of positive integers, e.g. 16x64x64; got {args.shape!r}")
+    try:
+        make_spec(args.variant, n, k, args.r)
+    except ValueError as exc:
+        parser.error(f"argument --r: {exc}")
     os.environ.setdefault("BONEKERN_AUTOTUNE", "0")
     torch.set_num_threads(args.threads)
     result = measure(args.variant, m, n, k, args.r, args.rounds, args.calls)
@@ -100,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_guarded(main, prog="python -m bench.overhead"))

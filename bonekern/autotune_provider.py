@@ -14,14 +14,16 @@ import functools
 import torch
 
 from autotune import Tuner, TuningKey
+from autotune.argtypes import choice, positive_int
 from autotune.presets import LayerShape
 from autotune.provider import Job
 from autotune.tuner import Runner
 
-from .backends import OpProblem
+from .backends import BACKEND_NAMES, OpProblem
 from .blockmath import group_sum
 from .dispatch import candidates_for, scope_members
 from .dropout import DropoutSpec
+from .errors import BackendUnavailableError
 from .tuning import (
     AGREEMENT,
     APP,
@@ -88,11 +90,12 @@ class BonekernProvider:
             default=["bone", "bat"],
             help="variants to tune (default: bone bat)",
         )
-        group.add_argument("--r", type=int, nargs="+", default=[64], help="block sizes (default: 64)")
-        group.add_argument("--mini-r", type=int, default=None, help="mini_r for variant mini (default: r)")
+        group.add_argument("--r", type=positive_int, nargs="+", default=[64], help="block sizes (default: 64)")
+        group.add_argument("--mini-r", type=positive_int, default=None, help="mini_r for variant mini (default: r)")
         group.add_argument(
             "--backend",
             default="auto",
+            type=choice("a backend", ("auto", *BACKEND_NAMES)),
             help='"auto" (compare every backend auto may pick) or one backend name (default: auto)',
         )
         group.add_argument(
@@ -107,6 +110,10 @@ class BonekernProvider:
         self, shapes: list[LayerShape], tokens: list[int], dtypes: list[str], device: str, args: argparse.Namespace
     ) -> tuple[list[Job], list[str]]:
         dev = torch.device(device)
+        try:
+            backends = candidates_for(args.backend, dev)
+        except BackendUnavailableError as exc:
+            raise ValueError(f"argument --backend: {exc}") from None
         members = scope_members(args.backend, dev.type)
         jobs: dict[str, Job] = {}
         labels: dict[str, list[str]] = {}
@@ -132,8 +139,10 @@ class BonekernProvider:
                                 problem = OpProblem(
                                     op, m, shape.n, shape.k, r, spec.block_cols, dtype, block_dtype, dev
                                 )
-                                backends = candidates_for(args.backend, dev, op)
-                                space = search_space(problem, args.backend, members, backends, needed_grads(op, None))
+                                op_backends = [b for b in backends if b.implements(op)]
+                                space = search_space(
+                                    problem, args.backend, members, op_backends, needed_grads(op, None)
+                                )
                                 eid = space.key.entry_id
                                 labels.setdefault(eid, []).append("/".join(shape.layers))
                                 if eid not in jobs:
@@ -156,6 +165,21 @@ class BonekernProvider:
 
     def default_device(self) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def device_problem(self, device: str) -> str | None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            return f"expected cpu, cuda or cuda:N; got {device!r}"
+        if dev.type == "cpu":
+            return None
+        if dev.type != "cuda":
+            return f"expected cpu, cuda or cuda:N; got {device!r}"
+        if not torch.cuda.is_available():
+            return f"{device!r} was asked for, but torch sees no CUDA device"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+        return None
 
 
 def _synthetic_runner(problem: OpProblem) -> Runner:

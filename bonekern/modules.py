@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name
 from .functional import bone_linear, merge, unmerge
+from .validation import check_dtype
 from .variants import AdapterSpec, make_spec
 
 
@@ -40,6 +41,10 @@ class BoneLinear(nn.Module):
         super().__init__()
         self.spec: AdapterSpec = make_spec(variant, out_features, in_features, r, mini_r)
         self.backend = check_backend_name(backend)
+        check_dtype("block_dtype", block_dtype)
+        check_dtype("dtype", dtype, optional=True)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool (whether the layer has one); got {type(bias).__name__}")
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
@@ -63,6 +68,8 @@ class BoneLinear(nn.Module):
         """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+        check_dtype("block_dtype", block_dtype)
+        check_dtype("linear.weight.dtype", linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.spec = make_spec(variant, linear.out_features, linear.in_features, r, mini_r)
@@ -136,10 +143,18 @@ class BoneLinear(nn.Module):
         s = self.spec
         return {"variant": s.variant, "r": s.r, "mini_r": s.mini_r, "merged": self.merged}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: Any) -> None:
         s = self.spec
         mine = {"variant": s.variant, "r": s.r, "mini_r": s.mini_r}
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"BoneLinear extra state must be a dict with keys {sorted([*mine, 'merged'])}; "
+                f"got {type(state).__name__} {state!r:.80}"
+            )
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
             raise ValueError(f"state_dict was saved from a BoneLinear with {theirs}; this layer has {mine}")
-        self.merged = bool(state.get("merged", False))
+        merged = state.get("merged", False)
+        if not isinstance(merged, bool):
+            raise TypeError(f"BoneLinear extra state 'merged' must be a bool; got {type(merged).__name__} {merged!r}")
+        self.merged = merged

@@ -19,6 +19,16 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def check_dtype(name: str, value: object, *, optional: bool = False) -> torch.dtype | None:
+    """``value`` if it is one of :data:`FLOAT_DTYPES` (or None when ``optional``), else TypeError naming ``name``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, torch.dtype) or value not in FLOAT_DTYPES:
+        what = str(value) if isinstance(value, torch.dtype) else f"{type(value).__name__} {value!r}"
+        raise TypeError(f"{name} must be one of float16, bfloat16, float32, float64; got {what}")
+    return value
+
+
 def delta_dtype(x_dtype: torch.dtype, block_dtype: torch.dtype) -> torch.dtype:
     """The dtype adapter terms (S, S @ D, W') are computed in: float32, or float64 if either input is."""
     if torch.float64 in (x_dtype, block_dtype):

@@ -149,7 +149,7 @@ def spec_from_block(
             raise ValueError(
                 f"block for variant 'bat' must be (N // r, r, r) with square r x r blocks; got shape {block_shape}"
             )
-        spec = make_spec(variant, n, k, r)
+        spec = make_spec(variant, n, k, r, mini_r)
         if block_shape[0] != n // r:
             raise ValueError(
                 f"block for variant 'bat' must be (N // r, r, r) = ({n // r}, {r}, {r}) for weight {weight_shape}; "

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from autotune import argtypes
 from bench import cli
 from bench.compare import compare
 from tests.support import ROOT
@@ -41,7 +42,7 @@ def tiny_run(tmp_path_factory):
 
 def test_table_header_and_rows(tiny_run):
     status, out, err, _ = tiny_run
-    assert status == cli.EXIT_OK, err
+    assert status == argtypes.EXIT_OK, err
     for field in ("device: cpu", "torch threads", "torch 2.", "triton", "cupy", "peft 0.", "bonekern 0.", "git "):
         assert field in out
     for variant in ("bone, r = 16", "bat, r = 16", "mini (mini_r 16), r = 16"):
@@ -106,7 +107,7 @@ def test_compare_exits_nonzero_on_an_injected_regression(tiny_run, tmp_path):
 
     baseline = _baseline(tiny_run, tmp_path, inject)
     status, out, err = _run([*TINY, "--variants", "bat", "--impls", "torch,linear", "--compare", baseline])
-    assert status == cli.EXIT_REGRESSION
+    assert status == argtypes.EXIT_REGRESSION
     case = f"{SHAPE_ID}/bat/r16/float32/M16"
     assert f"REGRESSION {case} [torch]: peak memory" in err and "(+100.0%, threshold 10%)" in err
     assert f"REGRESSION {case} [torch]: forward+backward median" in err
@@ -123,7 +124,7 @@ def test_compare_exits_zero_without_a_regression(tiny_run, tmp_path):
 
     baseline = _baseline(tiny_run, tmp_path, roomier)
     status, out, err = _run([*TINY, "--variants", "bat", "--impls", "torch,linear", "--compare", baseline])
-    assert status == cli.EXIT_OK, err
+    assert status == argtypes.EXIT_OK, err
     assert "no regression past 10%" in out and "REGRESSION" not in err
 
 
@@ -150,25 +151,26 @@ def test_compare_rules():
 
 
 def test_list_prints_every_suite(capsys):
-    assert cli.main(["--list"]) == cli.EXIT_OK
+    assert cli.main(["--list"]) == argtypes.EXIT_OK
     out = capsys.readouterr().out
     assert "llama3-8b.k_proj/v_proj: in 4096, out 1024" in out and "qwen2.5-7b.q_proj: in 3584, out 3584, bias" in out
     assert "acceptance.square: in 4096, out 4096" in out
 
 
-def test_bad_arguments_name_what_is_allowed(capsys):
+def test_bad_arguments_name_what_is_allowed(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("x")
     cases = (
         (["--impls", "torch,fast"], "--impls must be"),
         (["--dtype", "fp8"], "--dtype must be"),
-        (["--compare", "/nonexistent/baseline.json"], "--compare /nonexistent/baseline.json: "),
-        (["--csv", "/nonexistent/out.csv"], "the directory does not exist"),
+        (["--compare", "/nonexistent/baseline.json"], "argument --compare: expected a readable JSON file; "),
+        (["--csv", str(tmp_path / "a-file" / "out.csv")], "argument --csv: expected an output file path; "),
         (["--shape", "64"], "argument --shape: --shape takes NxK = out_features x in_features"),
         (["--shape", "128x64+b"], "argument --shape: --shape takes NxK or NxK+bias; got '128x64+b'"),
     )
     for argv, needle in cases:
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
-        assert e.value.code == cli.EXIT_USAGE
+        assert e.value.code == argtypes.EXIT_USAGE
         assert needle in capsys.readouterr().err
 
 

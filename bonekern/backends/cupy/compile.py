@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from autotune.argtypes import output_dir, positive_int, run_guarded
+
 from .nvrtc import NVRTC_OPTIONS, CompileError, nvrtc_compile
 from .sources import KERNEL_FILES, kernels_dir
 
@@ -166,8 +168,8 @@ def read_baseline(directory: Path, arch: int) -> dict[str, KernelResources]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", type=Path, help="directory to write cuda_sm<arch>.json baselines into")
-    parser.add_argument("--arch", type=int, action="append", help="architectures (default: 80, 90 and 100)")
+    parser.add_argument("--write", type=output_dir, help="directory to write cuda_sm<arch>.json baselines into")
+    parser.add_argument("--arch", type=positive_int, action="append", help="architectures (default: 80, 90 and 100)")
     parser.add_argument("--compiler", choices=("nvrtc", "nvcc"), default="nvrtc")
     args = parser.parse_args(argv)
     failed = False
@@ -188,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_guarded(main, prog="python -m bonekern.backends.cupy.compile"))

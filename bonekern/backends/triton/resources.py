@@ -44,6 +44,8 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from autotune.argtypes import positive_int, run_guarded
+
 from .common import AotCase
 
 KERNEL_MODULES: tuple[str, ...] = ("bone", "bat")
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="regenerate the baseline JSON files")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this architecture")
     parser.add_argument("--only", help="only cases whose key contains this string (not with --write)")
-    parser.add_argument("--processes", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: CPU count)")
     args = parser.parse_args(argv)
     if args.write and args.only:
         parser.error("--write regenerates whole baselines; drop --only")
@@ -368,4 +370,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main, prog="python -m bonekern.backends.triton.resources"))

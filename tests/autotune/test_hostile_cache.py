@@ -1,0 +1,198 @@
+"""Hostile tuning caches and profiles (issue 14): any bytes, any JSON, FIFOs, broken permissions, a lock that
+cannot be created. A ``backend="auto"`` call must still return the right answer, the readers must never raise or
+block, and each bad location gets one warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from autotune import AutotuneWarning, CacheFile, Candidate, SearchSpace, Tuner, TuningKey, parse_table
+from autotune.settings import CACHE_FILE_NAME
+from autotune.store import NEW_FILE_MODE, SCHEMA, read_table_file
+from bonekern import bone_linear, dispatch
+
+PREFIX = "HOSTILE"
+
+
+class FakeTimer:
+    def measure(self, candidate, fn, best_ms):
+        fn()
+        return [1.0 + candidate.config["i"]]
+
+    def synchronize(self):
+        pass
+
+    def describe(self):
+        return "fake timer"
+
+
+def make_space(n: int = 64) -> SearchSpace:
+    key = TuningKey.make(
+        "toy_op", "auto", {"n": n, "dtype": "float32"}, 128, "cpu", "cpu Test", "test", {"l": "1"}, "s"
+    )
+    return SearchSpace(
+        key=key,
+        m=128,
+        default=Candidate("toy", {"i": 0}),
+        candidates=lambda: [Candidate("toy", {"i": i}) for i in range(3)],
+    )
+
+
+def runner(candidate):
+    return lambda: candidate.config["i"]
+
+
+def entry_json(**overrides) -> dict:
+    """A valid cache entry's JSON, with fields replaced by ``overrides``."""
+    tuner = Tuner("hostile-seed", "HOSTILESEED", timer=FakeTimer())
+    decision = tuner.tune(make_space(), runner, tuner.settings())
+    data = decision.entry.to_json()
+    data.update(overrides)
+    return data
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+HOSTILE_DOCUMENTS = [
+    "[" * 200_000,
+    '{"schema": "autotune/1", "entries": [' + "[" * 100_000 + "]}",
+    '{"schema": "autotune/1", "entries": "no"}',
+    '{"schema": "autotune/1", "entries": [{"key": 1}]}',
+    "\ufeff{}",
+    "1e999",
+    "NaN",
+]
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(f"{PREFIX}_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(f"{PREFIX}_AUTOTUNE", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (tmp_path / "cache").mkdir()
+    return tmp_path / "cache" / CACHE_FILE_NAME
+
+
+@seed(1403)
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=300) | st.sampled_from([d.encode() for d in HOSTILE_DOCUMENTS]))
+def test_any_bytes_parse_without_raising(raw):
+    table, problem = parse_table(raw)
+    assert problem is not None or len(table) >= 0
+
+
+@seed(1404)
+@settings(max_examples=150, deadline=None)
+@given(doc=JSON_VALUES, entries=st.lists(JSON_VALUES, max_size=3))
+def test_any_json_parses_without_raising(doc, entries):
+    parse_table(json.dumps(doc))
+    table, problem = parse_table(json.dumps({"schema": SCHEMA, "entries": entries}))
+    assert len(table) == 0 and (problem is not None or not entries)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"m_tuned": 1e999},
+        {"m_tuned": float("nan")},
+        {"timings": [{"backend": "toy", "config": {}, "samples": 1e999}]},
+        {"choice": {"backend": 3, "config": {}}},
+        {"key": [1, 2]},
+        {"tuned_at": None, "timer": {"a": 1}},
+    ],
+)
+def test_malformed_numbers_and_types_in_an_entry_are_skipped(override):
+    good = entry_json()
+    table, problem = parse_table(json.dumps({"schema": SCHEMA, "entries": [good, entry_json(**override)]}))
+    assert len(table) == 1 and "1 malformed entries were skipped" in problem
+
+
+@seed(1405)
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(raw=st.binary(max_size=200) | st.sampled_from([d.encode() for d in HOSTILE_DOCUMENTS]))
+def test_auto_call_with_a_hostile_cache_and_profile_gives_the_right_answer(raw, tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / CACHE_FILE_NAME).write_bytes(raw)
+    (folder / "profile.json").write_bytes(raw)
+    monkeypatch.setenv("BONEKERN_CACHE_DIR", str(folder))
+    monkeypatch.setenv("BONEKERN_AUTOTUNE_PROFILE", str(folder / "profile.json"))
+    monkeypatch.setenv("BONEKERN_AUTOTUNE", "lookup")
+    dispatch.forget_choices()
+    gen = torch.Generator().manual_seed(0)
+    x, w, block = (
+        torch.randn(5, 12, generator=gen),
+        torch.randn(24, 12, generator=gen),
+        torch.randn(8, 3, 3, generator=gen),
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y = bone_linear(x, w, block, variant="bat", backend="auto")
+    expected = bone_linear(x, w, block, variant="bat", backend="torch")
+    torch.testing.assert_close(y, expected)
+    dispatch.forget_choices()
+    by_location: dict[str, int] = {}
+    for w_ in record:
+        if issubclass(w_.category, AutotuneWarning):
+            where = "profile" if "profile" in str(w_.message) else "cache"
+            by_location[where] = by_location.get(where, 0) + 1
+    assert all(count == 1 for count in by_location.values()), [str(w_.message) for w_ in record]
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_at_the_cache_path_is_skipped_without_blocking(cache_env):
+    os.mkfifo(cache_env)
+    assert read_table_file(cache_env)[1] == "it is not a regular file (a FIFO, socket or device)"
+    tuner = Tuner("hostile", PREFIX, timer=FakeTimer())
+    with pytest.warns(AutotuneWarning) as record:
+        decision = tuner.choose(make_space(), runner)
+    assert decision.candidate.config == {"i": 0}
+    assert len(record) == 1 and "not a regular file" in str(record[0].message)
+    assert stat.S_ISFIFO(os.stat(cache_env).st_mode)  # left alone, not replaced
+
+
+def test_a_cache_file_with_mode_000_is_rewritten_readable(cache_env):
+    CacheFile(cache_env).put([])
+    os.chmod(cache_env, 0)
+    Tuner("hostile", PREFIX, timer=FakeTimer()).choose(make_space(), runner)
+    assert stat.S_IMODE(os.stat(cache_env).st_mode) == NEW_FILE_MODE
+    assert len(CacheFile(cache_env).table()) == 1
+
+
+def test_a_lock_that_cannot_be_created_is_reported_as_that_at_once(cache_env):
+    (cache_env.parent / f"{CACHE_FILE_NAME}.lock").mkdir()  # even root cannot open a directory as the lock file
+    tuner = Tuner("hostile", PREFIX, timer=FakeTimer())
+    start = time.monotonic()
+    with pytest.warns(AutotuneWarning) as record:
+        decision = tuner.choose(make_space(), runner)
+    assert time.monotonic() - start < 10
+    assert decision.layer == "tuned"
+    assert len(record) == 1 and "cannot create the lock file" in str(record[0].message)
+    assert "another process" not in str(record[0].message)
+
+
+def test_one_bad_location_gives_one_warning(cache_env):
+    cache_env.write_text("{broken")
+    os.chmod(cache_env.parent, 0o555)  # a non-root user also cannot write; root still can: either way one warning
+    try:
+        tuner = Tuner("hostile", PREFIX, timer=FakeTimer())
+        with pytest.warns(AutotuneWarning) as record:
+            tuner.choose(make_space(64), runner)
+            tuner.choose(make_space(65), runner)
+    finally:
+        os.chmod(cache_env.parent, 0o755)
+    assert len(record) == 1
