@@ -104,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, help="M, rows of x (default: the suite's, per device)")
     p.add_argument("--r", type=positive_int, help="block size r (default 64)")
     p.add_argument("--mini-r", type=positive_int, help="mini's block columns (default r)")
+    p.add_argument(
+        "--dropout",
+        type=_dropout_p,
+        help="miss_dropout while training, in [0, 1), bone/mini only (default: the suite's, else 0)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -135,6 +140,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dropout_p(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text!r}")
+    return value
+
+
 def _device(args: argparse.Namespace, suite_device: str | None) -> torch.device:
     name = args.device or suite_device or "auto"
     if name == "auto":
@@ -153,10 +165,13 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     tokens = args.tokens or suite.tokens.get(device.type, suite.tokens["cpu"])
     r = args.r or suite.r
     mini_r = args.mini_r or r
+    dropout = suite.dropout if args.dropout is None else args.dropout
     cases, skipped = [], []
     for shape in shapes:
         for v in variants:
-            case = Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device)
+            case = Case(
+                shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device, dropout if v != "bat" else 0.0
+            )
             try:
                 make_spec(v, shape.n, shape.k, r, case.mini_r)
             except ValueError as exc:
@@ -170,6 +185,7 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
         "tokens": tokens,
         "r": r,
         "mini_r": mini_r,
+        "dropout": dropout,
         "variants": list(variants),
         "impls": impls,
         "budget_s": args.budget,
