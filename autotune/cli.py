@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import argtypes
-from .argtypes import EXIT_CODES_HELP, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE
+from .argtypes import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, first_line
 from .entries import Entry
 from .keys import profile_name
 from .presets import LAYERS, MODELS, SHAPE_HELP, LayerShape, find_model, layer_shapes, parse_shape
@@ -109,7 +109,7 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     if not shapes:
         err.write("error: give --model and/or --shape\n")
         return EXIT_USAGE
-    device = args.device or provider.default_device()
+    device = provider.default_device() if args.device is None else args.device
     problem = provider.device_problem(device)
     if problem:
         err.write(f"error: argument --device: {problem}\n")
@@ -131,6 +131,7 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     total = sum(len(j.space.candidate_list()) for j in jobs)
     progress = Progress(total, err)
     rows = []
+    failures = []
     for job in jobs:
         space = job.space
         candidates = space.candidate_list()
@@ -142,15 +143,22 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
             entry = None if len(candidates) == 1 else hit.entry
             winner = candidates[0].describe() if entry is None else entry.choice.describe()
         else:
-            decision = tuner.tune(
-                space,
-                job.make_runner(),
-                settings,
-                progress=lambda i, n, c, label=space.label: progress.step(f"{label}: {c.describe()}"),
-                timer=timer,
-            )
+            try:  # building the synthetic inputs may fail too (a shape too large for this device's memory)
+                decision = tuner.tune(
+                    space,
+                    job.make_runner(),
+                    settings,
+                    progress=lambda i, n, c, label=space.label: progress.step(f"{label}: {c.describe()}"),
+                    timer=timer,
+                )
+            except Exception as exc:  # one job failing must not lose the others' results: reported, exit 3
+                failures.append(f"{space.label}: {first_line(exc)}")
+                rows.append([space.label, "failed", "-", "-", "-", "-"])
+                continue
             entry = decision.entry
             status = "tuned" if entry is not None else "all failed"
+            if entry is None:
+                failures.append(f"{space.label}: every candidate failed")
             winner = decision.candidate.describe()
         rows.append(
             [
@@ -165,7 +173,9 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     progress.close()
     out.write(format_table(["problem", "status", "winner", "best ms", "default ms", "speed-up"], rows) + "\n")
     out.write(f"cache: {cache.describe()}\n")
-    return EXIT_OK
+    for failure in failures:
+        err.write(f"failed: {failure}\n")
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

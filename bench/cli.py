@@ -20,6 +20,7 @@ from autotune.argtypes import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REGRESSION,
+    cpu_threads,
     json_file,
     non_negative_float,
     output_file,
@@ -27,11 +28,12 @@ from autotune.argtypes import (
     positive_int,
 )
 from autotune.presets import SHAPE_HELP
+from bonekern.tuning import TUNER
 from bonekern.variants import VARIANTS, make_spec
 
 from . import compare as compare_mod
 from . import report
-from .impls import DEFAULT_IMPLS, IMPL_NAMES
+from .impls import DEFAULT_IMPLS, IMPL_NAMES, not_run_reason
 from .runner import Settings, run_case
 from .suites import SUITES, Case, parse_shape
 from .timing import Timer
@@ -105,7 +107,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=positive_int, help="block size r (default 64)")
     p.add_argument("--mini-r", type=positive_int, help="mini's block columns (default r)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=cpu_threads, help="torch CPU threads, at most the CPUs usable here (default: torch's choice)"
+    )
     p.add_argument(
         "--budget", type=positive_float, default=0.5, help="seconds of timed calls per measurement (default 0.5)"
     )
@@ -195,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(list_suites()))
         return EXIT_OK
+    # fail before measuring, not after
+    named = (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot))
+    outputs = [(name, path) for name, path in named if path]
+    for i, (name, path) in enumerate(outputs):
+        for other, other_path in outputs[:i]:
+            if path.resolve() == other_path.resolve():
+                p.error(f"argument {name}: expected a file other than {other}'s; both name {str(path)!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # The tuner reads BONEKERN_AUTOTUNE on every decision; by default the bench never times candidates itself.
@@ -202,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BONEKERN_AUTOTUNE"] = {"lookup": "lookup", "on": "1", "off": "0"}[args.autotune]
     else:
         os.environ.setdefault("BONEKERN_AUTOTUNE", "lookup")
-    # fail before measuring, not after
+    try:
+        TUNER.settings()  # an unknown BONEKERN_AUTOTUNE value would otherwise fail every measurement
+    except ValueError as e:
+        p.error(str(e))
     baseline = None
     if args.compare:
         try:
@@ -219,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {line}", file=sys.stderr)
     if not cases:
         p.error("nothing valid to measure: every case was skipped (see above)")
+    reasons = {impl: not_run_reason(impl, device) for impl in impls}
+    if all(reasons.values()):
+        for impl, reason in reasons.items():
+            print(f"not run: {impl}: {reason}", file=sys.stderr)
+        p.error(f"nothing valid to measure: no implementation in --impls can run on {device.type} (see above)")
     env = report.environment(device)
     print("\n".join(report.header_lines(env, settings)), flush=True)
 

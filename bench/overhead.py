@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from autotune.argtypes import positive_int, run_guarded
+from autotune.argtypes import cpu_threads, positive_int, run_guarded
 from bonekern.variants import make_spec
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=200)
     parser.add_argument("--calls", type=positive_int, default=20, help="calls per timed sample")
     parser.add_argument(
-        "--threads", type=positive_int, default=1, help="torch threads (default 1: the cost on one core)"
+        "--threads", type=cpu_threads, default=1, help="torch threads (default 1: the cost on one core)"
     )
     args = parser.parse_args(argv)
     try:
