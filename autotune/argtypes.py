@@ -158,6 +158,8 @@ def parse_json_text(text: str, where: str) -> Any:
         raise ValueError(f"{where}: it is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise ValueError(f"{where}: its JSON is nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise ValueError(f"{where}: it is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
 
 
 def json_file(text: str) -> Path:

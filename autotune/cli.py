@@ -178,6 +178,14 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     return EXIT_FAILED if failures else EXIT_OK
 
 
+def _show_order(entry: Entry) -> tuple:
+    """Sort key of ``show``: numbers in numeric order, and a str never compared with an int (a hand-edited file
+    may hold 4096 in one entry and "4096" in another)."""
+    key = entry.key
+    problem = tuple((name, isinstance(value, str), value) for name, value in key.problem)
+    return (key.device, key.op, problem, key.scope, key.m)
+
+
 def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.file:
         table, problem = read_table_file(args.file)
@@ -190,7 +198,7 @@ def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     else:
         cache = provider.tuner().cache()
         table, where = cache.table(), cache.describe()
-    entries = sorted(table.entries(), key=lambda e: (e.key.device, e.key.op, e.key.problem, e.key.scope, e.key.m))
+    entries = sorted(table.entries(), key=_show_order)
     fields: list[str] = []
     for e in entries:
         fields += [name for name, _ in e.key.problem if name not in fields]
