@@ -236,6 +236,9 @@ def test_bench_refuses_an_unknown_autotune_mode_before_measuring(cli_env, monkey
         '{"results": [{"case_id": "a", "impl": "torch", "fwd_median_ms": "fast"}]}',
         '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": -1}]}',
         '{"results": [], "environment": 3}',
+        '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": 1' + "0" * 400 + "}]}",  # float() overflows
+        '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": 1' + "0" * 5000 + "}]}",  # past int's limit
+        '{"results": [], "environment": {"device": ' + "[" * 5000 + "]" * 5000 + "}}",
         "[" * 100_000,
     ],
 )
