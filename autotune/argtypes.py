@@ -68,9 +68,10 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_threads(text: str) -> int:
-    """A thread count in [1, :func:`usable_cpus`]: more threads than CPUs only measures oversubscription, and
-    torch crashes at exit when asked for tens of thousands."""
+def up_to_cpus(text: str) -> int:
+    """A thread or worker-process count in [1, :func:`usable_cpus`]: more than the CPUs only measures (or waits
+    on) oversubscription; torch crashes at exit when asked for 100000 threads, and a pool of 100000 processes
+    never finishes starting."""
     value = positive_int(text)
     cpus = usable_cpus()
     if value > cpus:

@@ -20,12 +20,12 @@ from autotune.argtypes import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REGRESSION,
-    cpu_threads,
     json_file,
     non_negative_float,
     output_file,
     positive_float,
     positive_int,
+    up_to_cpus,
 )
 from autotune.presets import SHAPE_HELP
 from bonekern.tuning import TUNER
@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mini-r", type=positive_int, help="mini's block columns (default r)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
     p.add_argument(
-        "--threads", type=cpu_threads, help="torch CPU threads, at most the CPUs usable here (default: torch's choice)"
+        "--threads", type=up_to_cpus, help="torch CPU threads, at most the CPUs usable here (default: torch's choice)"
     )
     p.add_argument(
         "--budget", type=positive_float, default=0.5, help="seconds of timed calls per measurement (default 0.5)"

@@ -421,3 +421,23 @@ def test_a_tune_job_that_fails_exits_3_and_keeps_going(cli_env, monkeypatch, fai
     assert [line.split(":")[1].strip() for line in failed] == ["op 8x8", "op 16x16"], err  # both jobs were tried
     assert "frame #0" not in err and "Traceback" not in err
     assert ("all failed" if fail == "candidates" else "failed") in out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "needle"),
+    [
+        ("bonekern.backends.triton.resources", ["--processes", "100000"], "argument --processes: expected a positive"),
+        ("bonekern.backends.triton.resources", ["--processes", "0"], "argument --processes: expected a positive"),
+        ("bonekern.backends.cupy.compile", ["--arch", "99999999999"], "argument --arch: expected a positive integer"),
+        ("bench.overhead", ["--threads", "100000"], "argument --threads: expected a positive integer <= "),
+        ("bench.overhead", ["--shape", "99999999999x64x64"], "argument --shape: expected MxNxK"),
+    ],
+)
+def test_developer_clis_refuse_counts_past_the_machine(module, argv, needle, capsys):
+    """100000 worker processes never finish starting; 100000 torch threads crash at exit."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == argtypes.EXIT_USAGE and needle in err and _one_line_error(err), err
