@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from autotune import AutotuneWarning, CacheFile, Candidate, SearchSpace, Tuner, TuningKey, parse_table
 from autotune import cli as autotune_cli
 from autotune.settings import CACHE_FILE_NAME
-from autotune.store import NEW_FILE_MODE, SCHEMA, dump_table, read_table_file
+from autotune.store import SCHEMA, current_umask, dump_table, new_file_mode, read_table_file
 from bonekern import bone_linear, dispatch
 
 PREFIX = "HOSTILE"
@@ -238,7 +238,7 @@ def test_a_cache_file_with_mode_000_is_rewritten_readable(cache_env):
     CacheFile(cache_env).put([])
     os.chmod(cache_env, 0)
     Tuner("hostile", PREFIX, timer=FakeTimer()).choose(make_space(), runner)
-    assert stat.S_IMODE(os.stat(cache_env).st_mode) == NEW_FILE_MODE
+    assert stat.S_IMODE(os.stat(cache_env).st_mode) == new_file_mode() == 0o644 & ~current_umask()
     assert len(CacheFile(cache_env).table()) == 1
 
 
@@ -278,3 +278,17 @@ def test_a_timing_without_ms_or_error_does_not_break_the_next_write(cache_env):
         decision = tuner.choose(make_space(65), runner)
     assert decision.layer == "tuned"
     assert len(CacheFile(cache_env).table()) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_new_or_repaired_cache_file_gets_the_umask_mode(cache_env, umask):
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        CacheFile(cache_env).put([])
+        assert stat.S_IMODE(os.stat(cache_env).st_mode) == 0o644 & ~umask  # never wider than the user allows
+        os.chmod(cache_env, 0)
+        Tuner("hostile", PREFIX, timer=FakeTimer()).choose(make_space(), runner)
+        assert stat.S_IMODE(os.stat(cache_env).st_mode) == 0o644 & ~umask
+    finally:
+        os.umask(old)
