@@ -135,9 +135,9 @@ def test_autotune_never_tracebacks(cli_env, data):
             "--model",
             "--ops",
         ],
-        "show": ["--file"],
+        "show": ["--file", "--provider"],
         "export": ["--out-dir", "--device"],
-        "clear": ["--device"],
+        "clear": ["--device", "--provider"],
         "presets": [],
         "bogus": ["--x"],
     }[command]
