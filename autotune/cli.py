@@ -258,7 +258,11 @@ def cmd_export(provider: Provider, args: argparse.Namespace, out: TextIO, err: T
         merged = existing.merged(fresh)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         text = dump_table(merged, "profile", device=device, created=created, generated_by="python -m autotune export")
-        atomic_write_text(path, text)
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:  # e.g. a directory where the profile goes
+            err.write(f"error: argument --out-dir: cannot write {path} ({exc.strerror or exc})\n")
+            return EXIT_USAGE
         out.write(f"wrote {path}: {len(merged)} entries ({len(fresh)} from {provider.tuner().cache().describe()})\n")
         written += 1
     return EXIT_OK if written else EXIT_REGRESSION

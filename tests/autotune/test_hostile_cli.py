@@ -441,3 +441,18 @@ def test_developer_clis_refuse_counts_past_the_machine(module, argv, needle, cap
         importlib.import_module(module).main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == argtypes.EXIT_USAGE and needle in err and _one_line_error(err), err
+
+
+def test_export_onto_a_directory_named_like_the_profile_exits_2(cli_env):
+    from autotune.keys import profile_name
+    from bonekern.tuning import device_identity
+
+    tune = ["tune", "--shape", "16x16", "--r", "4", "--tokens", "2", "--repeats", "1", "--variant", "bat"]
+    code, _, err = run_autotune([*tune, "--ops", "forward", "--device", "cpu"])
+    assert code == argtypes.EXIT_OK, err
+    out_dir = cli_env / "profiles"
+    (out_dir / profile_name(device_identity(torch.device("cpu"))[0])).mkdir(parents=True)
+    code, _, err = run_autotune(
+        ["export", "--out-dir", str(out_dir), "--device", device_identity(torch.device("cpu"))[0]]
+    )
+    assert code == argtypes.EXIT_USAGE and "argument --out-dir: cannot write" in err and "Traceback" not in err, err
