@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -197,22 +198,46 @@ def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Tabl
 
 
 NEW_FILE_MODE = 0o644
-"""Permissions of a file the store creates, or rewrites when the old one was not readable and writable by its
-owner (a cache with mode 000 is not worth preserving)."""
+"""Permissions, before the umask, of a file the store creates, or rewrites when the old one was not readable and
+writable by its owner (a cache with mode 000 is not worth preserving)."""
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else by setting
+    and restoring it under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """:data:`NEW_FILE_MODE` under the umask: what ``open()`` would give a new file (0o644 with umask 022, 0o600
+    with 077), so a rewritten cache is never more readable than the user asked new files to be."""
+    return NEW_FILE_MODE & ~current_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one.
 
     The file keeps its permissions when it exists and its owner may read and write it; otherwise (a new file,
-    or one whose mode was broken, e.g. 000) it gets :data:`NEW_FILE_MODE`.
+    or one whose mode was broken, e.g. 000) it gets :func:`new_file_mode`.
     """
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        mode = NEW_FILE_MODE
+        mode = new_file_mode()
     if mode & 0o600 != 0o600:
-        mode = NEW_FILE_MODE
+        mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, mode)

@@ -120,7 +120,7 @@ class BonekernProvider:
         notes: list[str] = []
         for dtype_text in dtypes:
             if dtype_text not in _DTYPES:
-                raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}; got {dtype_text!r}")
+                raise ValueError(f"argument --dtype: expected one of {', '.join(sorted(_DTYPES))}; got {dtype_text!r}")
             dtype = _DTYPES[dtype_text]
             block_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             for variant in args.variant:
