@@ -65,7 +65,10 @@ __all__ = [
     "FallbackWarning",
     "accelerate",
     "accelerated",
+    "is_patched",
+    "patch",
     "restore",
+    "unpatch",
 ]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -415,6 +418,11 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
             "model has no PEFT MiSS layers (peft.tuners.miss.MissLayer); build it with "
             "get_peft_model(base_model, MissConfig(...)) first"
         )
+    return _accelerate_layers(layers, backend)
+
+
+def _accelerate_layers(layers: list[tuple[str, nn.Module]], backend: str) -> AccelerateReport:
+    """:func:`accelerate` on the given (qualified name, MissLayer) pairs, ``backend`` already checked."""
     reasons = {name: _layer_reason(layer) for name, layer in layers}
     if backend != "auto":  # fail before switching anything, not at the first forward
         for device in {layer.base_layer.weight.device for name, layer in layers if reasons[name] is None}:
@@ -440,13 +448,13 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
         warnings.warn(
             f"bonekern: {len(names)} MiSS layer(s) keep PEFT's forward ({reason}): {_names(names)}",
             FallbackWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     for reason, names in _group(report.will_fall_back).items():
         warnings.warn(
             f"bonekern: {len(names)} MiSS layer(s) will run PEFT's forward when {reason}: {_names(names)}",
             FallbackWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
 
@@ -496,3 +504,7 @@ def accelerated(model: nn.Module, *, backend: str = "auto") -> Iterator[Accelera
                 _restore_layer(layer)
             else:
                 layer._bonekern_backend = before[id(layer)]
+
+
+# The global patch lives in its own module; imported last because it uses this module's machinery.
+from .patch import is_patched, patch, unpatch  # noqa: E402
