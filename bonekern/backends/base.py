@@ -78,6 +78,9 @@ class Backend:
     name: ClassVar[str] = ""
     shared_source_modules: ClassVar[tuple[str, ...]] = ()
     """Modules outside the backend's own module or package whose code its ops run (hashed into tuning keys)."""
+    verify_before_use: ClassVar[bool] = False
+    """True for backends that run their own GPU kernels: each config is checked once on the device against the
+    torch backend before it serves (:mod:`bonekern.verify`)."""
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can run on ``device``, else one sentence that says why not."""
