@@ -386,12 +386,14 @@ def check(
 
 
 def warn_once(verdict: Verdict, problem: OpProblem, kernel: str, replacement: str, directory: Path) -> None:
-    """One :class:`KernelVerificationWarning` per bad verdict and process: which kernel and config failed on
-    which device, the error, what serves instead, where the verdict is kept and how to retry or turn it off."""
+    """One :class:`KernelVerificationWarning` per process for each kernel config, op, variant, dtype and error
+    (however many problem sizes it failed on): which kernel and config failed on which device, the error, what
+    serves instead, where the verdict is kept and how to retry or turn it off."""
+    what = _canonical([kernel, problem.op, problem.variant, str(problem.dtype), verdict.error])
     with _lock:
-        if verdict.key in _warned:
+        if what in _warned:
             return
-        _warned.add(verdict.key)
+        _warned.add(what)
     device = json.loads(verdict.key)["device"]
     warnings.warn(
         f"bonekern: {kernel} for {problem.op} ({problem.variant}, {str(problem.dtype).removeprefix('torch.')}) "
