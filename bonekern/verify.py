@@ -275,22 +275,30 @@ def build_args(problem: OpProblem, real_args: Sequence[Any] | None, seed: int = 
     return tuple(args)
 
 
+def flags_of(op: str, real_args: Sequence[Any] | None) -> dict[str, bool]:
+    """The boolean arguments of the call (gradient flags), by name; every ``need_*`` flag True without a call."""
+    names = op_parameters(op)
+    if real_args is None:
+        return {name: True for name in names if name.startswith("need_")}
+    return {name: v for name, v in zip(names, real_args, strict=False) if isinstance(v, bool)}
+
+
 def verdict_key(
-    problem: OpProblem, backend: str, config: Mapping[str, Any], args: Sequence[Any], identity: Identity
+    problem: OpProblem, backend: str, config: Mapping[str, Any], flags: Mapping[str, bool], identity: Identity
 ) -> str:
-    """The canonical JSON text a verdict is filed under (``problem`` the small problem, ``args`` its inputs)."""
+    """The canonical JSON text a verdict is filed under (``problem`` the small problem, ``flags`` the call's
+    boolean arguments, :func:`flags_of`)."""
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
     fields = {
         name: (str(v).removeprefix("torch.") if isinstance(v, (torch.dtype, torch.device)) else v)
         for name, v in fields.items()
         if name != "device"
     }
-    flags = {name: v for name, v in zip(op_parameters(problem.op), args, strict=True) if isinstance(v, bool)}
     return _canonical(
         {
             "backend": backend,
             "problem": fields,
-            "flags": flags,
+            "flags": dict(flags),
             "config": dict(config),
             "device_type": problem.device.type,
             "device": identity.device,
@@ -363,10 +371,9 @@ def check(
     None when the op's inputs cannot be built (see :func:`build_args`)."""
     small = small_problem(problem)
     try:
-        args = build_args(small, real_args)
+        key = verdict_key(small, backend.name, config, flags_of(problem.op, real_args), identity)
     except Unverifiable:
         return None
-    key = verdict_key(small, backend.name, config, args, identity)
     with _lock:
         hit = _memory.get(key)
         if hit is not None:
@@ -376,7 +383,7 @@ def check(
         if hit is None:
             start = time.perf_counter()
             try:
-                error = run_check(small, backend, prepared, args, compare)
+                error = run_check(small, backend, prepared, build_args(small, real_args), compare)
             except Unverifiable:
                 return None
             hit = Verdict(key, error is None, error, time.perf_counter() - start, _now())
