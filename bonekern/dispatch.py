@@ -176,6 +176,19 @@ def verify_directory() -> Path:
     return tuning.TUNER.settings().cache_path.parent
 
 
+def verify_config(
+    problem: OpProblem, backend: Backend, config: dict, args: Sequence[Any] | None = None, directory: Path | None = None
+) -> verify.Verdict | None:
+    """The verdict on ``backend`` serving ``problem`` with ``config`` (:func:`bonekern.verify.check`, with this
+    device's identity and the tuner's agreement check); the verdict file in ``directory`` (default: beside the
+    tuning cache). None when the op cannot be verified."""
+    prepared = backend.prepare_config(problem, dict(config))
+    return verify.check(
+        problem, backend, config, prepared, args, verify_identity(problem, backend), tuning.outputs_agree,
+        directory or verify_directory(),
+    )  # fmt: skip
+
+
 def trusted(
     problem: OpProblem, chosen: Candidate, backends: Sequence[Backend], args: Sequence[Any] | None
 ) -> tuple[Backend, Any]:
@@ -194,10 +207,9 @@ def trusted(
         if not _must_verify(backend, problem.device):
             choice, served = (backend, prepared), candidate
             break
-        directory = verify_directory()
         verdict = verify.check(
             problem, backend, candidate.config, prepared, args, verify_identity(problem, backend), tuning.outputs_agree,
-            directory,
+            verify_directory(),
         )  # fmt: skip
         if verdict is None or verdict.ok:
             choice, served = (backend, prepared), candidate

@@ -274,12 +274,7 @@ def test_every_op_of_every_kernel_backend_can_be_verified(kernels_for_auto, op):
             cols = variant_cols.get(variant, 40)
             problem = OpProblem(op, 300, 40, 36, 4, cols, torch.float32, torch.float32, torch.device("cpu"))
             backend = get_backend(name)
-            config = backend.default_config(problem)
-            identity = dispatch.verify_identity(problem, backend)
-            verdict = verify.check(
-                problem, backend, config, backend.prepare_config(problem, config), None, identity,
-                dispatch.tuning.outputs_agree, kernels_for_auto,
-            )  # fmt: skip
+            verdict = dispatch.verify_config(problem, backend, backend.default_config(problem), None, kernels_for_auto)
             assert verdict is not None and verdict.ok, (name, op, variant, verdict)
 
 
