@@ -3,6 +3,7 @@
 Public API:
 
 - :func:`bone_linear` — the adapted linear layer, differentiable, any backend;
+- :func:`adapter_output` — the bone/mini adapter term alone, to add to any base layer's output (quantised too);
 - :func:`delta_weight`, :func:`merge`, :func:`unmerge` — fold the adapter into the weight and back;
 - :class:`BoneLinear` — an ``nn.Module`` wrapping a frozen linear layer with a trainable block;
 - :mod:`bonekern.reference` — the einsum specification every backend is tested against;
@@ -12,7 +13,7 @@ Public API:
 from . import reference
 from .backends import BACKEND_NAMES, available_backends
 from .errors import BackendUnavailableError
-from .functional import bone_linear, delta_weight, merge, unmerge
+from .functional import adapter_output, bone_linear, delta_weight, merge, unmerge
 from .modules import BoneLinear
 from .variants import VARIANTS, AdapterSpec
 
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterSpec",
     "BackendUnavailableError",
     "BoneLinear",
+    "adapter_output",
     "available_backends",
     "bone_linear",
     "delta_weight",

@@ -22,6 +22,7 @@ from autotune.tuner import Runner
 from .backends import BACKEND_NAMES, OpProblem
 from .blockmath import group_sum
 from .dispatch import candidates_for, scope_members
+from .dropout import DropoutSpec
 from .errors import BackendUnavailableError
 from .tuning import (
     AGREEMENT,
@@ -56,6 +57,13 @@ def synthetic_args(problem: OpProblem, seed: int = 0) -> tuple:
         block = randn(n // r, r, r, dtype=problem.block_dtype, scale=0.02)
     else:
         block = randn(r, problem.block_cols, dtype=problem.block_dtype, scale=0.02)
+    if problem.op.startswith("adapter"):
+        spec = DropoutSpec(0.1, seed) if problem.dropout else None
+        x = randn(m, k, dtype=problem.dtype)
+        if problem.op == "adapter_forward":
+            return (x, block, n, spec)
+        s = group_sum(x, r, delta_dtype(problem.dtype, problem.block_dtype))
+        return (randn(m, n, dtype=problem.dtype), s, block, k, spec, True, True)
     if problem.op.endswith("forward"):
         return (x, weight, block, None)
     dy = randn(m, n, dtype=problem.dtype)
@@ -103,7 +111,7 @@ class BonekernProvider:
     ) -> tuple[list[Job], list[str]]:
         dev = torch.device(device)
         try:
-            backends = candidates_for(args.backend, dev)
+            candidates_for(args.backend, dev)  # the named backend can run here at all (else exit 2, not a traceback)
         except BackendUnavailableError as exc:
             raise ValueError(f"argument --backend: {exc}") from None
         members = scope_members(args.backend, dev.type)
@@ -131,6 +139,7 @@ class BonekernProvider:
                                 problem = OpProblem(
                                     op, m, shape.n, shape.k, r, spec.block_cols, dtype, block_dtype, dev
                                 )
+                                backends = candidates_for(args.backend, dev, op)
                                 space = search_space(problem, args.backend, members, backends, needed_grads(op, None))
                                 eid = space.key.entry_id
                                 labels.setdefault(eid, []).append("/".join(shape.layers))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import DropoutSpec, keep_mask
 from .validation import delta_dtype
 
 MERGE_CHUNK_ROWS = 4096
@@ -58,6 +59,53 @@ def group_sum(x: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
     if rem:
         s[:, :rem] += x[:, full * r :]
     return s
+
+
+DROPOUT_BAND_ELEMENTS = 1 << 18
+"""Elements of x per row band whose dropout mask is generated at once (:func:`dropout_bands`): the mask's int64
+temporaries are then a few MiB, whatever M x K is."""
+
+
+def dropout_bands(m: int, k: int, band_elements: int = DROPOUT_BAND_ELEMENTS) -> list[tuple[int, int]]:
+    """Row ranges (start, stop) of an (M, K) input, each about ``band_elements`` elements (at least one row)."""
+    rows = max(1, band_elements // max(k, 1))
+    return [(i, min(m, i + rows)) for i in range(0, m, rows)]
+
+
+def group_sum_dropped(
+    x: torch.Tensor, r: int, dtype: torch.dtype, dropout: DropoutSpec, band_elements: int = DROPOUT_BAND_ELEMENTS
+) -> torch.Tensor:
+    """S (M, r) in ``dtype`` of ``x * keep / (1 - p)``: :func:`group_sum` of the dropped input, the mask generated
+    one row band at a time (never an M x K mask or dropped copy of x)."""
+    m, k = x.shape
+    s = torch.empty(m, r, dtype=dtype, device=x.device)
+    for i0, i1 in dropout_bands(m, k, band_elements):
+        mask = keep_mask(dropout, m, k, x.device, rows=(i0, i1))  # [band, K]
+        band = (x[i0:i1].to(dtype) * mask).mul_(dropout.scale)  # [band, K], a new tensor (never x itself)
+        s[i0:i1] = group_sum(band, r, dtype)
+    return s
+
+
+def spread_dropped(
+    t: torch.Tensor,
+    k: int,
+    out_dtype: torch.dtype,
+    dropout: DropoutSpec | None,
+    band_elements: int = DROPOUT_BAND_ELEMENTS,
+) -> torch.Tensor:
+    """dx (M, K) in ``out_dtype`` with ``dx[i, c] = t[i, c % r] * keep(i, c) / (1 - p)`` for t (M, r): the
+    transpose of :func:`group_sum_dropped` (no mask factor when ``dropout`` is None)."""
+    m, r = t.shape
+    groups = -(-k // r)
+    dx = torch.empty(m, k, dtype=out_dtype, device=t.device)
+    if dropout is None:
+        dx.copy_(t.repeat(1, groups)[:, :k])
+        return dx
+    for i0, i1 in dropout_bands(m, k, band_elements):
+        mask = keep_mask(dropout, m, k, t.device, rows=(i0, i1))  # [band, K]
+        band = t[i0:i1].repeat(1, groups)[:, :k]  # [band, K] in t's dtype
+        dx[i0:i1] = band.mul_(mask).mul_(dropout.scale)
+    return dx
 
 
 def add_grouped_(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Which backend and config run one call: the one place a call's backend is decided.
 
-``backend="auto"`` may use every available backend in :data:`AUTO_ORDER` for the device type; a named backend
-must be available or the call fails with :class:`BackendUnavailableError` saying why. Among those, the
+``backend="auto"`` may use every available backend in :data:`AUTO_ORDER` for the device type that implements the
+call's op (:meth:`Backend.implements`); a named backend must be available and implement the op, or the call fails
+with :class:`BackendUnavailableError` saying why. Among those, the
 autotuner (:func:`bonekern.tuning.choose`) picks the backend and config: from a profile, the user cache, a
 shipped profile, by timing the candidates on the call's real tensors, or -- when nothing is tuned or
 ``BONEKERN_AUTOTUNE=0`` -- the first backend's ``default_config(problem)``. The chosen config is handed once to
@@ -68,10 +69,20 @@ def require_available(name: str, device: torch.device) -> Backend:
     return backend
 
 
-def auto_candidates(device: torch.device) -> list[Backend]:
-    """The backends ``backend="auto"`` may choose from on ``device``, the default first."""
+def require_op(backend: Backend, op: str) -> Backend:
+    """``backend`` if it implements ``op``; else BackendUnavailableError saying so."""
+    if not backend.implements(op):
+        raise BackendUnavailableError(f"backend {backend.name!r} does not implement {op} (yet)")
+    return backend
+
+
+def auto_candidates(device: torch.device, op: str | None = None) -> list[Backend]:
+    """The backends ``backend="auto"`` may choose from on ``device`` (for ``op``, when given: those that implement
+    it), the default first."""
     order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
-    return [b for b in map(get_backend, order) if b.unavailable_reason(device) is None]
+    return [
+        b for b in map(get_backend, order) if b.unavailable_reason(device) is None and (op is None or b.implements(op))
+    ]
 
 
 def scope_members(scope: str, device_type: str) -> tuple[str, ...]:
@@ -81,10 +92,17 @@ def scope_members(scope: str, device_type: str) -> tuple[str, ...]:
     return AUTO_ORDER.get(device_type, DEFAULT_ORDER) if scope == "auto" else (scope,)
 
 
-def candidates_for(scope: str, device: torch.device) -> list[Backend]:
-    """The backends a call with ``backend=scope`` may run on: the available ones of the auto order, or the one
-    named (BackendUnavailableError when it cannot run on ``device``)."""
-    return auto_candidates(device) if scope == "auto" else [require_available(scope, device)]
+def candidates_for(scope: str, device: torch.device, op: str | None = None) -> list[Backend]:
+    """The backends a call with ``backend=scope`` may run on: the available ones of the auto order (that
+    implement ``op``, when given), or the one named (BackendUnavailableError when it cannot run on ``device`` or
+    does not implement ``op``). Never empty for "auto" on an op the torch backend implements."""
+    if scope == "auto":
+        found = auto_candidates(device, op)
+        if not found:
+            raise BackendUnavailableError(f"no available backend implements {op} on {device}")
+        return found
+    backend = require_available(scope, device)
+    return [backend] if op is None else [require_op(backend, op)]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,7 +145,7 @@ def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None
     hit = _memo.get(key)
     if hit is not None:  # the common case: this layer's shape was seen before in this process
         return hit
-    backends = candidates_for(requested, problem.device)
+    backends = candidates_for(requested, problem.device, problem.op)
     members = scope_members(requested, problem.device.type)
     candidate = tuning.choose(problem, requested, members, backends, args)
     backend, prepared = trusted(problem, candidate, backends, args)

@@ -1,4 +1,5 @@
-"""The public functions: :func:`bone_linear`, :func:`delta_weight`, :func:`merge`, :func:`unmerge`."""
+"""The public functions: :func:`bone_linear`, :func:`adapter_output`, :func:`delta_weight`, :func:`merge`,
+:func:`unmerge`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from torch import Tensor
 from .backends import check_backend_name
 from .blockmath import bat_unmerge, bat_weight, merge_chunk_blocks
 from .dispatch import require_available
-from .ops import bat_linear_2d, bone_linear_2d
-from .validation import FLOAT_DTYPES, check_linear_args, check_weight_and_block, delta_dtype
+from .dropout import draw
+from .ops import adapter_output_2d, bat_linear_2d, bone_linear_2d
+from .validation import FLOAT_DTYPES, check_adapter_args, check_linear_args, check_weight_and_block, delta_dtype
 from .variants import AdapterSpec
 
 
@@ -68,6 +70,49 @@ def bone_linear(
     else:
         y = bone_linear_2d(x2d, weight, block, bias, backend)
     return y.reshape(*lead, spec.out_features)
+
+
+def adapter_output(
+    x: Tensor,
+    block: Tensor,
+    *,
+    variant: str,
+    out_features: int,
+    mini_r: int | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """The bone/mini adapter term alone, to add to the output of any base layer: ``base(x) + adapter_output(x, ...)``
+    equals PEFT's MiSS layer for a base layer that computes ``base(x)`` (quantised, hooked, sharded or custom).
+
+    delta = S D with S[..., j] = sum_g xd[..., g*r + j] (x zero-padded to a multiple of r) and
+    D[j, n] = block[j, n % C]; xd = dropout(x) with probability ``dropout_p`` while ``training``, else x.
+
+    Args:
+        x: (..., K) input; any leading dims and strides.
+        block: bone (r, N) or mini (r, mini_r), any floating dtype.
+        variant: "bone" or "mini" (bat's adapter term depends on the weight: use :func:`bone_linear`).
+        out_features: N.
+        mini_r: for "mini" only; defaults to ``block.shape[1]``.
+        dropout_p: PEFT's ``miss_dropout``, in [0, 1). The mask is bonekern's counter-based one
+            (:mod:`bonekern.dropout`), seeded from torch's CPU generator (``torch.manual_seed`` repeats it) and
+            regenerated in backward: nothing of M x K is kept.
+        training: apply dropout (like ``nn.Dropout.training``); no dropout when False.
+        backend: as for :func:`bone_linear`.
+
+    Returns:
+        (..., N) in x's dtype (computed in the delta dtype, float32 or float64, rounded once). Differentiable with
+        respect to x and block; autograd keeps S (..., r) only.
+    """
+    spec = check_adapter_args(x, block, variant, out_features, mini_r, dropout_p, training)
+    check_backend_name(backend)
+    if backend != "auto" and x.device.type != "meta" and not torch.compiler.is_compiling():
+        require_available(backend, x.device)
+    dropout = draw(float(dropout_p)) if training and dropout_p > 0 else None
+    lead = x.shape[:-1]
+    delta = adapter_output_2d(x.reshape(-1, spec.in_features), block, spec.out_features, dropout, backend)
+    return delta.reshape(*lead, spec.out_features)
 
 
 def _delta_in_compute_dtype(weight: Tensor, block: Tensor, spec: AdapterSpec) -> Tensor:

@@ -8,6 +8,10 @@ Four ops, all on 2-D x (M, K); the public functions in :mod:`bonekern.functional
 - ``bone_backward(dy, S, weight, block, need_dx, need_dblock, backend) -> (dx, dblock)``
 - ``bat_forward(x, weight, block, bias, backend) -> y``
 - ``bat_backward(dy, x, weight, block, need_dx, need_dblock, backend) -> (dx, dblock)``
+- ``adapter_forward(x, block, out_features, p, seed, offset, backend) -> (delta, S)``: the bone/mini adapter term
+  S D alone (no weight), for base layers that run their own forward; dropout on x when ``p > 0`` (the
+  :class:`~bonekern.dropout.DropoutSpec` travels as its three numbers, ``p = 0`` meaning none).
+- ``adapter_backward(dy, S, block, in_features, p, seed, offset, need_dx, need_dblock, backend) -> (dx, dblock)``
 
 Gradients that are not needed come back as empty tensors (custom ops cannot return None). ``backend`` is
 resolved at run time by :mod:`bonekern.dispatch`, so ``torch.compile`` sees one opaque op per call, with no graph
@@ -28,6 +32,8 @@ parameters, which are alive anyway and cost no memory):
 - bone/mini: S (M x r, the delta dtype). x is not kept: dx needs only dY, W, D; dD needs only S and dY.
   Exception: when the weight itself requires grad, x is kept too, for dW = dY^T x.
 - bat: x (M x K). W' is never kept (backward rebuilds it from W and B), nor is any other N x K temporary.
+- adapter term: S (M x r) and the dropout spec's three numbers; the mask is regenerated in backward, so nothing
+  of M x K is kept (PEFT keeps the mask and the dropped x).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from torch import Tensor
 from . import dispatch
 from .backends import OpProblem
 from .blockmath import bat_weight_grad
+from .dropout import DropoutSpec
 from .profiling import nvtx_range
 from .validation import delta_dtype
 
@@ -303,6 +310,145 @@ def bone_linear_2d(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None
     if _use_eager_path(x):
         return BoneFunction.apply(x, weight, block, bias, backend)
     return torch.ops.bonekern.bone_forward(x, weight, block, bias, backend)[0]
+
+
+def _spec(p: float, seed: int, offset: int) -> DropoutSpec | None:
+    return None if p == 0.0 else DropoutSpec(p, seed, offset)
+
+
+def adapter_forward_impl(x: Tensor, block: Tensor, out_features: int, p: float, seed: int, offset: int, backend: str):
+    """delta (M, N) in x's dtype and S (M, r) in the delta dtype, from the dispatched backend."""
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, out_features), x.new_empty(0, block.shape[0], dtype=delta_dtype(x.dtype, block.dtype))
+    dropout = _spec(p, seed, offset)
+    problem = OpProblem.for_adapter("adapter_forward", m, out_features, x.shape[1], block, x.dtype, dropout)
+    args = (x, block, out_features, dropout)
+    chosen, config = dispatch.select(problem, backend, args)
+    with nvtx_range(f"bonekern.adapter_forward[{chosen.name}]"):
+        return chosen.adapter_forward(*args, config)
+
+
+def adapter_backward_impl(
+    dy: Tensor,
+    s: Tensor,
+    block: Tensor,
+    in_features: int,
+    p: float,
+    seed: int,
+    offset: int,
+    need_dx: bool,
+    need_dblock: bool,
+    backend: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """dx (M, K) and dblock (r, C), None where not needed."""
+    m = dy.shape[0]
+    if m == 0:
+        return (dy.new_empty(0, in_features) if need_dx else None), (torch.zeros_like(block) if need_dblock else None)
+    dropout = _spec(p, seed, offset)
+    problem = OpProblem.for_adapter("adapter_backward", m, dy.shape[1], in_features, block, dy.dtype, dropout)
+    args = (dy, s, block, in_features, dropout, need_dx, need_dblock)
+    chosen, config = dispatch.select(problem, backend, args)
+    with nvtx_range(f"bonekern.adapter_backward[{chosen.name}]"):
+        return chosen.adapter_backward(*args, config)
+
+
+def _adapter_save(ctx, block: Tensor, in_features: int, p: float, seed: int, offset: int, backend: str, s) -> None:
+    # Kept for backward: S (M x r) and the dropout spec's numbers; x and the mask are not kept.
+    ctx.adapter_args = (in_features, p, seed, offset)
+    ctx.backend = backend
+    ctx.save_for_backward(s, block)
+
+
+def _adapter_grads(ctx, dy: Tensor, backward) -> tuple:
+    s, block = ctx.saved_tensors
+    need_dx, need_dblock = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx = dblock = None
+    if need_dx or need_dblock:
+        dx, dblock = backward(dy, s, block, *ctx.adapter_args, need_dx, need_dblock, ctx.backend)
+    return dx, dblock, None, None, None, None, None
+
+
+@torch.library.custom_op("bonekern::adapter_forward", mutates_args=())
+def adapter_forward(
+    x: Tensor, block: Tensor, out_features: int, p: float, seed: int, offset: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    """delta = S D (M, N) in x's dtype and S (M, r) in the delta dtype; dropout on x when p > 0."""
+    return adapter_forward_impl(x, block, out_features, p, seed, offset, backend)
+
+
+@adapter_forward.register_fake
+def _(x, block, out_features, p, seed, offset, backend):
+    m = x.shape[0]
+    return x.new_empty(m, out_features), x.new_empty(m, block.shape[0], dtype=delta_dtype(x.dtype, block.dtype))
+
+
+@torch.library.custom_op("bonekern::adapter_backward", mutates_args=())
+def adapter_backward(
+    dy: Tensor,
+    s: Tensor,
+    block: Tensor,
+    in_features: int,
+    p: float,
+    seed: int,
+    offset: int,
+    need_dx: bool,
+    need_dblock: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """dx (M, K) in dy's dtype and dblock (r, C) in the block's dtype; empty tensors where not needed."""
+    dx, dblock = adapter_backward_impl(dy, s, block, in_features, p, seed, offset, need_dx, need_dblock, backend)
+    return _none_to_empty(dx, dy), _none_to_empty(dblock, block)
+
+
+@adapter_backward.register_fake
+def _(dy, s, block, in_features, p, seed, offset, need_dx, need_dblock, backend):
+    dx = dy.new_empty(dy.shape[0], in_features) if need_dx else dy.new_empty(_EMPTY)
+    dblock = torch.empty_like(block) if need_dblock else block.new_empty(_EMPTY)
+    return dx, dblock
+
+
+def _adapter_backward_op(dy, s, block, in_features, p, seed, offset, need_dx, need_dblock, backend):
+    dx, dblock = torch.ops.bonekern.adapter_backward(
+        dy, s, block, in_features, p, seed, offset, need_dx, need_dblock, backend
+    )
+    return (dx if need_dx else None), (dblock if need_dblock else None)
+
+
+def _adapter_setup_context(ctx, inputs, output) -> None:
+    x, block, _out_features, p, seed, offset, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    _adapter_save(ctx, block, x.shape[1], p, seed, offset, backend, output[1])
+
+
+torch.library.register_autograd(
+    "bonekern::adapter_forward",
+    lambda ctx, dy, _ds: _adapter_grads(ctx, dy, _adapter_backward_op),
+    setup_context=_adapter_setup_context,
+)
+
+
+class AdapterFunction(torch.autograd.Function):
+    """The adapter term in eager mode: :func:`adapter_forward_impl` and the shared gradient code, without the
+    custom-op machinery. Keeps S (M x r) and the dropout spec's numbers (see :func:`_adapter_save`)."""
+
+    @staticmethod
+    def forward(ctx, x, block, out_features, p, seed, offset, backend):
+        delta, s = adapter_forward_impl(x, block, out_features, p, seed, offset, backend)
+        _adapter_save(ctx, block, x.shape[1], p, seed, offset, backend, s)
+        return delta
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _adapter_grads(ctx, dy, adapter_backward_impl)
+
+
+def adapter_output_2d(x: Tensor, block: Tensor, out_features: int, dropout: DropoutSpec | None, backend: str) -> Tensor:
+    """The adapter term on x (M, K) -> (M, N): the custom op when tracing is possible, else :class:`AdapterFunction`."""
+    p, seed, offset = (0.0, 0, 0) if dropout is None else (float(dropout.p), dropout.seed, dropout.offset)
+    if _use_eager_path(x):
+        return AdapterFunction.apply(x, block, out_features, p, seed, offset, backend)
+    return torch.ops.bonekern.adapter_forward(x, block, out_features, p, seed, offset, backend)[0]
 
 
 def bat_linear_2d(x: Tensor, weight: Tensor, block: Tensor, bias: Tensor | None, backend: str) -> Tensor:

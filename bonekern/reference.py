@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dropout import DropoutSpec, keep_mask
 from .validation import delta_dtype
 
 
@@ -132,3 +133,41 @@ def unmerge(merged_weight: torch.Tensor, block: torch.Tensor, variant: str) -> t
     inv = torch.linalg.inv(torch.eye(r, dtype=dtype, device=block.device) + bc)
     wb = wm.reshape(n // r, r, k // r, r) - bc[:, :, None, :]
     return torch.einsum("ipjs,isq->ipjq", wb, inv).reshape(n, k)
+
+
+def dropped_input(x: torch.Tensor, dropout: DropoutSpec | None) -> torch.Tensor:
+    """x (M, K) with dropout applied: ``x * keep / (1 - p)`` (:func:`bonekern.dropout.keep_mask`); x itself for None."""
+    if dropout is None:
+        return x
+    mask = keep_mask(dropout, x.shape[0], x.shape[1], x.device)
+    return x * mask.to(x.dtype) * dropout.scale
+
+
+def adapter_forward(
+    x: torch.Tensor, block: torch.Tensor, out_features: int, dropout: DropoutSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bone/mini adapter term alone: delta = S D (M, N) in x's dtype and S (M, r) in the compute dtype.
+
+    x (M, K), block (r, C) with C | N; S = group_sum(dropped_input(x)), zero-padded groups.
+    """
+    dtype = _compute_dtype(x, block)
+    s = group_sum(dropped_input(x.to(dtype), dropout), block.shape[0])
+    delta = torch.einsum("mr,rn->mn", s, expand_block(block.to(dtype), out_features))
+    return delta.to(x.dtype), s
+
+
+def adapter_backward(
+    dy: torch.Tensor, s: torch.Tensor, block: torch.Tensor, in_features: int, dropout: DropoutSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`adapter_forward` from S: dx (M, K) in dy's dtype and dblock (r, C) in the block's dtype.
+
+    T = dY D^T (M, r); dx[i, k] = T[i, k % r] * keep(i, k) / (1 - p); dD = S^T dY folded over mini's repeats.
+    """
+    dtype = _compute_dtype(dy, block)
+    dyc, bc, sc = dy.to(dtype), block.to(dtype), s.to(dtype)
+    n = dy.shape[1]
+    r, cols = block.shape
+    t = torch.einsum("mn,rn->mr", dyc, expand_block(bc, n))
+    dx = dropped_input(t[:, torch.arange(in_features, device=dy.device) % r], dropout)
+    dblock = torch.einsum("mr,mn->rn", sc, dyc).reshape(r, n // cols, cols).sum(dim=1)
+    return dx.to(dy.dtype), dblock.to(block.dtype)

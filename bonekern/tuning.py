@@ -11,7 +11,8 @@ this module keeps no per-process state besides caches of fixed facts, and never 
 What a tuned result is filed under (:class:`autotune.TuningKey`):
 
 - op, scope ("auto" or the backend name), variant, dtype, block dtype, N, K, r (and mini_r for mini), for
-  backward ops which gradients are needed, and M bucketed to a power of two;
+  backward ops which gradients are needed, whether dropout is applied (adapter ops; only when it is), and M
+  bucketed to a power of two;
 - the device name and capability (``sm_90``; on a CPU the architecture and torch's thread count);
 - torch / triton / cupy versions and a hash of the source files of the backends in the scope.
 
@@ -41,6 +42,7 @@ from autotune.keys import profile_name
 from autotune.tuner import Runner, structurally_accepted
 
 from .backends import Backend, OpProblem, get_backend
+from .backends.base import GRAD_FLAGS_AT
 from .tolerances import AGREEMENT, AGREEMENT_FALLBACK
 
 APP = "bonekern"
@@ -124,7 +126,8 @@ def needed_grads(op: str, args: Sequence[Any] | None) -> str:
     """For backward ops, which gradients are computed ("dx+dblock", "dx", "dblock"); "" for forward ops."""
     if not op.endswith("backward"):
         return ""
-    need_dx, need_dblock = (True, True) if args is None else (bool(args[4]), bool(args[5]))
+    at = GRAD_FLAGS_AT[op]
+    need_dx, need_dblock = (True, True) if args is None else (bool(args[at]), bool(args[at + 1]))
     return "+".join(name for name, need in (("dx", need_dx), ("dblock", need_dblock)) if need) or "none"
 
 
@@ -143,6 +146,8 @@ def make_key(problem: OpProblem, scope: str, grads: str, members: tuple[str, ...
         fields["mini_r"] = problem.block_cols
     if grads:
         fields["grads"] = grads
+    if problem.dropout:
+        fields["dropout"] = True
     name, capability = device_identity(problem.device)
     return TuningKey.make(
         problem.op,
@@ -233,6 +238,9 @@ def search_space(
 ) -> SearchSpace:
     """The tuner's view of one call: key (see :func:`make_key`), default (the first of ``backends``' default
     config), candidates (every config of every one of ``backends``), checks."""
+    backends = [b for b in backends if b.implements(problem.op)]
+    if not backends:
+        raise ValueError(f"no backend given for {problem.op} implements it")
     key = make_key(problem, scope, grads, members)
     allowed = {b.name for b in backends}
     backend_keys = {}

@@ -89,3 +89,40 @@ def check_linear_args(
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype ({x.dtype}); got bias of dtype {bias.dtype}")
     return spec
+
+
+def check_adapter_args(
+    x: object,
+    block: object,
+    variant: object,
+    out_features: object,
+    mini_r: int | None,
+    dropout_p: object,
+    training: object,
+) -> AdapterSpec:
+    """Validate the arguments of :func:`bonekern.adapter_output` and return the adapter's spec.
+
+    Rules: x is a float tensor (..., K); block fits ``variant`` ("bone" or "mini") for an (out_features, K) layer
+    and lives on x's device; 0 <= dropout_p < 1; training is a bool.
+    """
+    x = _check_tensor("x", x)
+    block = _check_tensor("block", block)
+    if variant not in ("bone", "mini"):
+        raise ValueError(
+            f"variant must be 'bone' or 'mini' for adapter_output (bat's adapter term depends on the weight: use "
+            f"bone_linear); got {variant!r}"
+        )
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features <= 0:
+        raise ValueError(f"out_features must be a positive int; got {out_features!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in_features); got a 0-d tensor")
+    if block.device != x.device:
+        raise ValueError(f"block must be on x's device ({x.device}); got block on {block.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1); got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool; got {type(training).__name__}")
+    make_spec = spec_from_block.__wrapped__ if torch.compiler.is_compiling() else spec_from_block
+    return make_spec(variant, (out_features, x.shape[-1]), tuple(block.shape), mini_r)

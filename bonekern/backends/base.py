@@ -1,12 +1,15 @@
 """The contract every backend implements, and the description of one call that dispatch and tuning use.
 
-A backend sees 2-D tensors only (the public functions flatten x to (M, K)) and two op families:
+A backend sees 2-D tensors only (the public functions flatten x to (M, K)) and three op families:
 
 - "bone" family (variants bone and mini): block (r, C) with C | N acting as D[k, n] = block[k, n % C];
-- "bat": block (N // r, r, r).
+- "bat": block (N // r, r, r);
+- "adapter": the bone/mini adapter term S D alone (no weight), for base layers that run their own forward
+  (quantised, hooked, sharded), with optional counter-based dropout on x (:mod:`bonekern.dropout`).
 
 What autograd keeps between forward and backward is fixed here, the same for every backend: S (M, r) for the
-bone family, x for bat; never W' or any other weight-sized temporary. Weight gradients (rare: the weight is
+bone and adapter families (plus the dropout spec's three numbers), x for bat; never W', a dropout mask or any
+other weight- or input-sized temporary. Weight gradients (rare: the weight is
 normally frozen) are computed by :mod:`bonekern.ops` with plain GEMMs, not by backends.
 
 Configs: the dispatcher chooses a JSON-serialisable dict per problem (from the autotuner or from
@@ -24,10 +27,22 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..dropout import DropoutSpec
+
 Config = dict[str, Any]
 
-OPS: tuple[str, ...] = ("bone_forward", "bone_backward", "bat_forward", "bat_backward")
-"""The four tunable operations; the key under which dispatch, tuning and profiles find a config."""
+OPS: tuple[str, ...] = (
+    "bone_forward",
+    "bone_backward",
+    "bat_forward",
+    "bat_backward",
+    "adapter_forward",
+    "adapter_backward",
+)
+"""The tunable operations; the key under which dispatch, tuning and profiles find a config."""
+
+GRAD_FLAGS_AT: dict[str, int] = {"bone_backward": 4, "bat_backward": 4, "adapter_backward": 5}
+"""For each backward op, the position of ``need_dx`` in its argument list (``need_dblock`` follows it)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,10 @@ class OpProblem:
         block_cols: C for the bone family (N for bone, mini_r for mini), r for bat.
         dtype: x's dtype; block_dtype: the block's dtype.
         device: the device the tensors live on.
+        dropout: True when the call applies dropout (a :class:`~bonekern.dropout.DropoutSpec` is passed; adapter
+            ops only). Part of tuning keys.
+
+    For adapter ops there is no weight: n = out_features, k = in_features, r = block.shape[0], block_cols = C.
     """
 
     op: str
@@ -52,6 +71,7 @@ class OpProblem:
     dtype: torch.dtype
     block_dtype: torch.dtype
     device: torch.device
+    dropout: bool = False
 
     @property
     def variant(self) -> str:
@@ -65,6 +85,22 @@ class OpProblem:
         n, k = weight.shape
         r = block.shape[-1] if op.startswith("bat") else block.shape[0]
         return OpProblem(op, m, n, k, r, block.shape[-1], dtype, block.dtype, weight.device)
+
+    @staticmethod
+    def for_adapter(
+        op: str,
+        m: int,
+        out_features: int,
+        in_features: int,
+        block: torch.Tensor,
+        dtype: torch.dtype,
+        dropout: DropoutSpec | None,
+    ) -> OpProblem:
+        """The problem of an adapter op: block (r, C), no weight."""
+        r, cols = block.shape
+        return OpProblem(
+            op, m, out_features, in_features, r, cols, dtype, block.dtype, block.device, dropout is not None
+        )
 
 
 class Backend:
@@ -81,6 +117,11 @@ class Backend:
     verify_before_use: ClassVar[bool] = False
     """True for backends that run their own GPU kernels: each config is checked once on the device against the
     torch backend before it serves (:mod:`bonekern.verify`)."""
+
+    def implements(self, op: str) -> bool:
+        """Whether this backend overrides the method of ``op`` (one of :data:`OPS`); dispatch and tuning consider
+        a backend for an op only when it does."""
+        return getattr(type(self), op) is not getattr(Backend, op)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can run on ``device``, else one sentence that says why not."""
@@ -148,4 +189,35 @@ class Backend:
         config: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """dx = dY W' and dB_i = sum_j (W_ij + I)^T G_ij with G = dY^T x; None where not needed."""
+        raise NotImplementedError
+
+    def adapter_forward(
+        self,
+        x: torch.Tensor,
+        block: torch.Tensor,
+        out_features: int,
+        dropout: DropoutSpec | None,
+        config: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K), block (r, C), C | out_features. Returns (delta (M, N) in x's dtype, S (M, r) in the delta
+        dtype :func:`bonekern.validation.delta_dtype` (x.dtype, block.dtype)). S[i, j] = sum_g xd[i, g*r + j] over
+        groups with x zero-padded to a multiple of r (PEFT's padding), xd = x * keep / (1 - p) (x if dropout
+        is None); delta = S @ D computed in the delta dtype, cast to x's dtype."""
+        raise NotImplementedError
+
+    def adapter_backward(
+        self,
+        dy: torch.Tensor,
+        s: torch.Tensor,
+        block: torch.Tensor,
+        in_features: int,
+        dropout: DropoutSpec | None,
+        need_dx: bool,
+        need_dblock: bool,
+        config: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """dy (M, N), s (M, r) as returned by adapter_forward. T = dY D^T (M, r) in the delta dtype;
+        dx[i, k] = T[i, k % r] * keep(i, k) / (1 - p) (M, K = in_features) in dy's dtype;
+        dblock[j, c] = sum over n with n % C == c of (S^T dY)[j, n], (r, C) in the block's dtype.
+        None where not needed."""
         raise NotImplementedError

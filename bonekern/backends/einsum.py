@@ -34,3 +34,10 @@ class ReferenceBackend(Backend):
     def bat_backward(self, dy, x, weight, block, need_dx, need_dblock, config):
         dx, dblock = reference.bat_backward(dy, x, weight, block)
         return (dx if need_dx else None), (dblock if need_dblock else None)
+
+    def adapter_forward(self, x, block, out_features, dropout, config):
+        return reference.adapter_forward(x, block, out_features, dropout)
+
+    def adapter_backward(self, dy, s, block, in_features, dropout, need_dx, need_dblock, config):
+        dx, dblock = reference.adapter_backward(dy, s, block, in_features, dropout)
+        return (dx if need_dx else None), (dblock if need_dblock else None)

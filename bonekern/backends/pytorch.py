@@ -35,6 +35,8 @@ from ..blockmath import (
     build_bat_weight_,
     fold_repeats,
     group_sum,
+    group_sum_dropped,
+    spread_dropped,
 )
 from ..validation import delta_dtype
 from .base import Backend, Config, OpProblem
@@ -113,6 +115,29 @@ class TorchBackend(Backend):
         if need_dx:
             dx = torch.mm(dy, weight)
             add_grouped_(dx, dy_folded @ block.to(dtype).t())  # T = dY D^T (M, r), broadcast over the groups
+        if need_dblock:
+            dblock = torch.mm(s.t(), dy_folded).to(block.dtype)
+        return dx, dblock
+
+    # -- the adapter term alone (bone / mini over any base layer) ------------------------------------------
+
+    def adapter_forward(self, x, block, out_features, dropout, config):
+        r, cols = block.shape
+        dtype = delta_dtype(x.dtype, block.dtype)
+        s = group_sum(x, r, dtype) if dropout is None else group_sum_dropped(x, r, dtype, dropout)
+        t = s @ block.to(dtype)  # (M, C)
+        m = x.shape[0]
+        delta = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+        delta.view(m, out_features // cols, cols).copy_(t[:, None, :])  # D[j, n] = block[j, n % C]; one rounding
+        return delta, s
+
+    def adapter_backward(self, dy, s, block, in_features, dropout, need_dx, need_dblock, config):
+        cols = block.shape[1]
+        dtype = s.dtype
+        dy_folded = fold_repeats(dy, cols, dtype)  # (M, C)
+        dx = dblock = None
+        if need_dx:
+            dx = spread_dropped(dy_folded @ block.to(dtype).t(), in_features, dy.dtype, dropout)  # T (M, r) spread
         if need_dblock:
             dblock = torch.mm(s.t(), dy_folded).to(block.dtype)
         return dx, dblock
