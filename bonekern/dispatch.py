@@ -167,7 +167,7 @@ def fallback_chain(problem: OpProblem, chosen: Candidate, backends: Sequence[Bac
     ``problem``, then the torch backend's default; duplicates removed."""
     torch_backend = get_backend("torch")
     chain = [chosen, *(Candidate(b.name, b.default_config(problem)) for b in backends)]
-    if torch_backend.unavailable_reason(problem.device) is None:
+    if torch_backend.unavailable_reason(problem.device) is None and torch_backend.implements(problem.op):
         chain.append(Candidate(torch_backend.name, torch_backend.default_config(problem)))
     out: list[Candidate] = []
     for c in chain:

@@ -138,13 +138,14 @@ def op_problem(op: str, shape: tuple, dtype: torch.dtype, device: torch.device) 
 
 
 def ops_for(shape: tuple) -> list[str]:
-    """The ops of :data:`OPS` that a shape's variant runs (bat ops for bat, the bone family's for bone/mini)."""
+    """The ops of :data:`OPS` that a shape's variant runs: bat's for bat, every other op for bone and mini."""
     bat = shape[0] == "bat"
-    return [op for op in OPS if op.startswith("bat") == bat and (bat or op.startswith("bone"))]
+    return [op for op in OPS if op.startswith("bat") == bat]
 
 
-def implements(backend: Backend, op: str) -> bool:
-    return getattr(type(backend), op) is not getattr(Backend, op)
+def dropout_choices(op: str) -> tuple[bool, ...]:
+    """(False, True) for an op that takes a dropout draw (checked without and with one), else (False,)."""
+    return (False, True) if "dropout" in verify.op_parameters(op) else (False,)
 
 
 def _strategy(config: Any) -> str:
@@ -280,22 +281,23 @@ def numerics(device: torch.device, budget: Budget, backends: Sequence[str] | Non
         for shape, full in shapes:
             for dtype in DTYPES.get(device.type, (torch.float32,)):
                 for op in ops_for(shape):
-                    if not implements(backend, op):
+                    if not backend.implements(op):
                         continue
-                    problem = op_problem(op, shape, dtype, device)
-                    for config in configs_to_check(backend, problem):
-                        if budget.left() <= 0:
-                            step.details.append("stopped: out of time")
-                            return _finish_numerics(step, counts, worst, runnable)
-                        error, ratio = check_op(backend, problem, config, full)
-                        counts["checked"] += 1
-                        label = f"{name} {op} {dtype_name(dtype)} {_shape_text(shape)} {json.dumps(config)}"
-                        if error is not None:
-                            counts["failed"] += 1
-                            step.details.append(f"FAILED {label}: {error}")
-                        elif ratio == ratio:
-                            key = f"{name} {op} {dtype_name(dtype)}"
-                            worst[key] = max(worst.get(key, 0.0), ratio)
+                    for dropout in dropout_choices(op):
+                        problem = dataclasses.replace(op_problem(op, shape, dtype, device), dropout=dropout)
+                        for config in configs_to_check(backend, problem):
+                            if budget.left() <= 0:
+                                step.details.append("stopped: out of time")
+                                return _finish_numerics(step, counts, worst, runnable)
+                            error, ratio = check_op(backend, problem, config, full)
+                            counts["checked"] += 1
+                            label = f"{name} {op} {dtype_name(dtype)} {_shape_text(shape)} {json.dumps(config)}"
+                            if error is not None:
+                                counts["failed"] += 1
+                                step.details.append(f"FAILED {label}{' dropout' if dropout else ''}: {error}")
+                            elif ratio == ratio:
+                                key = f"{name} {op} {dtype_name(dtype)}"
+                                worst[key] = max(worst.get(key, 0.0), ratio)
         for variant in ("bone", "mini", "bat"):
             for dtype in DTYPES.get(device.type, (torch.float32,)):
                 counts["checked"] += 1
@@ -352,7 +354,7 @@ def verify_cost(
             backend = get_backend(name)
             for shape in shapes:
                 for op in ops_for(shape):
-                    if not implements(backend, op):
+                    if not backend.implements(op):
                         continue
                     problem = op_problem(op, shape, dtype, device)
                     config = backend.default_config(problem)

@@ -48,6 +48,7 @@ import torch
 from autotune.store import CacheFile, Codec, parse_records
 
 from .backends import Backend, OpProblem, get_backend
+from .dropout import DropoutSpec
 from .validation import delta_dtype
 
 ENV = "BONEKERN_VERIFY"
@@ -63,6 +64,9 @@ SMALL_CAP = 48
 
 SMALL_GROUPS = 3
 """Most r-wide groups of K (and, for mini and bat, most repeats of the block along N) the small problem keeps."""
+
+VERIFY_DROPOUT = DropoutSpec(0.25, seed=1234)
+"""The dropout draw a check uses when the problem has dropout and no call's own draw is given."""
 
 Compare = Callable[[object, object], "str | None"]
 
@@ -241,7 +245,8 @@ def build_args(problem: OpProblem, real_args: Sequence[Any] | None, seed: int = 
     """Inputs of ``problem.op`` for ``problem`` (a small problem), by parameter name: x (M, K), weight (N, K),
     block ((r, C), or (N // r, r, r) for bat), bias (N,) when the call has one, dy (M, N), s (M, r) in the
     delta dtype, out_features N, in_features K; every other argument (gradient flags, dropout) is the real
-    call's (``real_args``, in the method's order), or True for a ``need_*`` flag when there is none."""
+    call's (``real_args``, in the method's order), or True for a ``need_*`` flag when there is none; without a
+    call, dropout is :data:`VERIFY_DROPOUT` when ``problem.dropout`` is set, else None."""
     names = op_parameters(problem.op)
     real = dict(zip(names, real_args, strict=False)) if real_args is not None else {}
     m, n, k, r, cols = problem.m, problem.n, problem.k, problem.r, problem.block_cols
@@ -261,6 +266,7 @@ def build_args(problem: OpProblem, real_args: Sequence[Any] | None, seed: int = 
         "s": lambda: rand(m, r, dtype=delta_dtype(dt, bdt)),
         "out_features": lambda: n,
         "in_features": lambda: k,
+        "dropout": lambda: real.get("dropout", VERIFY_DROPOUT if problem.dropout else None),
     }
     args = []
     for name in names:
