@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -233,12 +234,13 @@ class Unverifiable(Exception):
     """The op's inputs cannot be built (a parameter this module does not know, and no value from the call)."""
 
 
-def op_parameters(op: str) -> list[str]:
+@functools.cache
+def op_parameters(op: str) -> tuple[str, ...]:
     """The names of the arguments of :class:`Backend`'s method for ``op``, without ``self`` and ``config``."""
     names = list(inspect.signature(getattr(Backend, op)).parameters)
     if names[:1] != ["self"] or names[-1:] != ["config"]:
         raise Unverifiable(f"Backend.{op} does not take (self, ..., config)")
-    return names[1:-1]
+    return tuple(names[1:-1])
 
 
 def build_args(problem: OpProblem, real_args: Sequence[Any] | None, seed: int = 0) -> tuple[Any, ...]:

@@ -85,7 +85,7 @@ def test_the_cuda_numerics_run_every_strategy_of_the_kernels_here(name):
     backend = get_backend(backend_or_skip(name))
     checked = set()
     for shape in (("bone", 37, 40, 45, 16, None), ("mini", 23, 48, 45, 20, 24), ("bat", 19, 48, 32, 16, None)):
-        for op in selfcheck.ops_for(shape):
+        for op in filter(backend.implements, selfcheck.ops_for(shape)):
             for dtype in (torch.float32, torch.bfloat16):
                 problem = selfcheck.op_problem(op, shape, dtype, torch.device("cpu"))
                 configs = selfcheck.configs_to_check(backend, problem)
