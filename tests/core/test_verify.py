@@ -305,3 +305,44 @@ def test_small_problem_keeps_what_the_kernel_specialises_on(op, variant, r, grou
         assert small.n <= 3 * small.block_cols
     args = verify.build_args(small, None)
     assert len(args) == len(verify.op_parameters(op))
+
+
+def test_a_config_the_cache_chose_is_verified_too(kernels_for_auto, monkeypatch):
+    """Whatever chose the config: here the user cache picks a non-default CuPy config, which is broken; the call
+    is served by CuPy's default (verified good), and the warning names the cached config."""
+    from autotune import CacheFile, Candidate, Entry, Timing
+    from autotune.settings import CACHE_FILE_NAME
+    from bonekern import tuning
+
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("cupy", "torch"))
+    monkeypatch.delenv("TRITON_INTERPRET")  # the tuner reads no cache under the interpreter
+    monkeypatch.setenv("BONEKERN_AUTOTUNE", "lookup")
+    x, weight, block, _ = inputs("bone")
+    problem = OpProblem.from_tensors("bone_forward", x.shape[0], weight, block, torch.float32)
+    cupy = get_backend("cupy")
+    default = cupy.default_config(problem)
+    # (a config with an int 0 in it can never come from the cache: the tuner accepts positive ints only)
+    cached = next(c for c in cupy.configs(problem) if c != default and all(v > 0 for v in c.values() if type(v) is int))
+    key = tuning.make_key(problem, "auto", "", dispatch.scope_members("auto", "cpu"))
+    choice = Candidate("cupy", cached)
+    entry = Entry(key, choice, Candidate("cupy", default), (Timing(choice, 1.0, 3),), x.shape[0], "test", "2026-01-01")
+    CacheFile(kernels_for_auto / CACHE_FILE_NAME).put([entry])
+    broken_config = cupy.prepare_config(problem, dict(cached))
+    original = CupyBackend.bone_forward
+
+    def broken_for_the_cached_config(backend, *args):
+        if args[-1] == broken_config:
+            raise RuntimeError("injected launch failure")
+        return original(backend, *args)
+
+    monkeypatch.setattr(CupyBackend, "bone_forward", broken_for_the_cached_config)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y = bonekern.bone_linear(x, weight, block, variant="bone", backend="auto")
+    backend, prepared = next(v for k, v in dispatch._memo.items() if k[0].op == "bone_forward")
+    assert backend.name == "cupy" and prepared == cupy.prepare_config(problem, dict(default))
+    messages = verification_warnings(record)
+    assert len(messages) == 1 and "injected launch failure" in messages[0], messages
+    assert Candidate("cupy", cached).describe() in messages[0] and Candidate("cupy", default).describe() in messages[0]
+    want = reference.linear(x.detach().double(), weight.double(), block.detach().double(), None, "bone")
+    assert_close_to_reference(y, want, torch.float32, "y")
