@@ -66,7 +66,7 @@ DEFAULT_BUDGET_S = {"cuda": 480.0, "cpu": 110.0}
 """Whole-run time limits: 8 minutes on one H100-class GPU, under 2 minutes on the CPU."""
 
 RESERVE_S: dict[str, dict[str, float]] = {
-    "cuda": {"verify": 20.0, "gpu_tests": 120.0, "bench": 150.0, "tune": 100.0},
+    "cuda": {"verify": 20.0, "gpu_tests": 100.0, "bench": 120.0, "tune": 80.0},
     "cpu": {"bench": 60.0},
 }
 """Seconds each step keeps from the steps before it (the numerics step gets the rest, then stops where it is)."""
@@ -104,8 +104,9 @@ MAX_CONFIGS_PER_PROBLEM = 6
 
 @dataclass
 class Step:
-    """One step's outcome: ``status`` is "passed", "failed" or "not run"; ``summary`` one line; ``details`` the
-    failures (or what was skipped); ``data`` the numbers."""
+    """One step's outcome: ``status`` is "passed", "failed", "incomplete" (nothing failed, but the time ran out
+    before everything was checked) or "not run"; ``summary`` one line; ``details`` the failures (or what was
+    skipped); ``data`` the numbers."""
 
     name: str
     status: str = "not run"
@@ -312,10 +313,16 @@ def numerics(device: torch.device, budget: Budget, backends: Sequence[str] | Non
 
 
 def _finish_numerics(step: Step, counts: dict[str, int], worst: dict[str, float], runnable: list[str]) -> Step:
-    step.status = "failed" if counts["failed"] or not counts["checked"] else "passed"
-    if any(d.startswith("stopped") for d in step.details):
+    stopped = any(d.startswith("stopped") for d in step.details)
+    if counts["failed"]:
         step.status = "failed"
+    elif stopped:
+        step.status = "incomplete"
+    else:
+        step.status = "passed" if counts["checked"] else "failed"
     step.summary = f"{counts['checked'] - counts['failed']}/{counts['checked']} checks within tolerance on {runnable}"
+    if stopped:
+        step.summary += " (out of time before the rest: raise --budget to check everything)"
     step.data = {**counts, "backends": runnable, "worst_error_over_tolerance": worst}
     return step
 
@@ -459,7 +466,7 @@ def _junit_counts(path: Path) -> dict[str, int]:
 
 BENCH_SUITES = {"cuda": ("llama2-7b", "llama3-8b"), "cpu": ("quick",)}
 BENCH_ARGS = {
-    "cuda": ["--budget", "0.2", "--min-repeats", "5", "--impls", "auto,triton,cupy,torch,peft,linear"],
+    "cuda": ["--budget", "0.1", "--min-repeats", "5", "--impls", "auto,triton,cupy,torch,peft,linear"],
     "cpu": [
         "--budget",
         "0.05",
@@ -557,9 +564,14 @@ def tune(device: torch.device, budget: Budget, profiles_dir: Path) -> Step:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from bench.report import environment as bench_environment
+    """Where it ran: the bench's environment record (versions, device, commit), plus the verify switch."""
+    try:
+        from bench.report import environment as bench_environment
 
-    env = bench_environment(device)
+        env = bench_environment(device)
+    except Exception as exc:  # the bench package missing or broken must not lose the report
+        env = {"device": str(device), "torch": torch.__version__, "python": sys.version.split()[0],
+               "environment_error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
     env["verify"] = os.environ.get(verify.ENV, "1")
     return env
 
@@ -573,6 +585,7 @@ def report(device: torch.device, steps: list[Step], started: float) -> dict[str,
         "passed": not failed,
         "failed": failed,
         "not_run": {s.name: s.summary for s in steps if s.status == "not run"},
+        "incomplete": {s.name: s.summary for s in steps if s.status == "incomplete"},
         "seconds": round(time.monotonic() - started, 2),
         "steps": [dataclasses.asdict(s) for s in steps],
     }
@@ -616,6 +629,8 @@ def markdown(rep: dict[str, Any]) -> str:
             for r in s["data"]["rows"]:
                 cells = [r.get(c) for c in BENCH_COLUMNS]
                 lines.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    if rep["incomplete"]:
+        lines += ["", "## incomplete", ""] + [f"- {name}: {why}" for name, why in rep["incomplete"].items()]
     if rep["not_run"]:
         lines += ["", "## not run", ""] + [f"- {name}: {why}" for name, why in rep["not_run"].items()]
     return "\n".join(lines) + "\n"

@@ -139,3 +139,11 @@ def test_cuda_run_within_eight_minutes(tmp_path):
     assert done.returncode == 0 and report["passed"], (report["failed"], done.stdout[-3000:])
     assert report["seconds"] <= 480
     assert (tmp_path / "profiles").is_dir() and any((tmp_path / "profiles").glob("*.json"))
+
+
+def test_numerics_out_of_time_is_incomplete_not_passed():
+    step = selfcheck.numerics(torch.device("cpu"), selfcheck.Budget(0.0))
+    assert step.status == "incomplete" and "out of time" in step.summary
+    rep = selfcheck.report(torch.device("cpu"), [step], 0.0)
+    assert rep["passed"] and rep["incomplete"] == {"numerics": step.summary}
+    assert "## incomplete" in selfcheck.markdown(rep)
