@@ -65,10 +65,10 @@ __all__ = [
     "FallbackWarning",
     "accelerate",
     "accelerated",
-    "is_patched",
-    "patch",
+    "is_patched",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
+    "patch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
     "restore",
-    "unpatch",
+    "unpatch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
 ]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -506,5 +506,14 @@ def accelerated(model: nn.Module, *, backend: str = "auto") -> Iterator[Accelera
                 layer._bonekern_backend = before[id(layer)]
 
 
-# The global patch lives in its own module; imported last because it uses this module's machinery.
-from .patch import is_patched, patch, unpatch  # noqa: E402
+_PATCH_NAMES = ("is_patched", "patch", "unpatch")
+
+
+def __getattr__(name: str):
+    """``patch``, ``unpatch`` and ``is_patched`` live in :mod:`.patch`, which builds on this module; they are
+    re-exported here lazily (PEP 562) so the two modules never import each other at module level."""
+    if name in _PATCH_NAMES:
+        from . import patch as patch_module
+
+        return getattr(patch_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
