@@ -47,6 +47,7 @@ from ..dispatch import require_available
 from ..functional import bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
+from .peft_quant import quantised_forward, quantised_layer_reason
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ def _layer_reason(layer: nn.Module) -> str | None:
         )
         return f"layer class {type(layer).__name__} is not peft's MissLinear{hint}"
     quantization = getattr(layer, "quantization_backend", None)  # peft >= 0.21; older peft: caught below
-    if quantization is not None:
-        return f"quantised base layer ({getattr(quantization, 'backend_name', type(quantization).__name__)})"
+    if quantization is not None:  # bat over a dequantisable base: bonekern.integrations.peft_quant
+        return quantised_layer_reason(layer, _variant(layer))
     base = layer.base_layer
     if base is not layer.get_base_layer():
         return f"nested tuner layer (base layer is a {type(base).__name__})"
@@ -183,6 +184,10 @@ def _config_fallback(layer: MissLinear) -> str | None:
         if risky:
             return f"training with miss_dropout {risky} (bonekern fuses no dropout)"
     return None
+
+
+def _quantised(layer: nn.Module) -> bool:
+    return getattr(layer, "quantization_backend", None) is not None
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -252,6 +257,8 @@ class BonekernMissLinear(MissLinear):
         adapters = [a for a in self.active_adapters if a in self.miss_block]
         if not adapters:
             return MissLinear.forward(self, x, *args, **kwargs)  # no adapter on this layer: a plain linear layer
+        if getattr(self, "quantization_backend", None) is not None:  # bat over a quantised base
+            return quantised_forward(self, adapters, x, args, kwargs, lambda why: self._fallback(why, x, args, kwargs))
         if len(adapters) > 1:
             reason = f"{len(adapters)} active adapters {adapters} (bonekern serves one)"
         else:
@@ -272,6 +279,10 @@ class BonekernMissLinear(MissLinear):
             backend=self._bonekern_backend,
         )
         return y.to(x.dtype)  # under autocast bone_linear returns the autocast dtype; PEFT returns x's dtype
+
+    def _fallback(self, reason: str, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        _warn_once(self, reason)
+        return MissLinear.forward(self, x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         own = super().extra_repr()
@@ -317,7 +328,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
         )
     reasons = {name: _layer_reason(layer) for name, layer in layers}
     if backend != "auto":  # fail before switching anything, not at the first forward
-        for device in {layer.base_layer.weight.device for name, layer in layers if reasons[name] is None}:
+        served = [layer for name, layer in layers if reasons[name] is None]
+        for device in {layer.base_layer.weight.device for layer in served if not _quantised(layer)}:
             if device.type != "meta":
                 require_available(backend, device)
     report = AccelerateReport(backend=backend)
