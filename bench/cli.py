@@ -154,9 +154,9 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     r = args.r or suite.r
     mini_r = args.mini_r or r
     cases, skipped = [], []
-    for shape in shapes:
+    for shape, quant in [(shape, quant) for shape in shapes for quant in suite.quant or (None,)]:
         for v in variants:
-            case = Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device)
+            case = Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device, quant)
             try:
                 make_spec(v, shape.n, shape.k, r, case.mini_r)
             except ValueError as exc:

@@ -57,6 +57,7 @@ def _case_fields(case: Case) -> dict[str, Any]:
         "mini_r": case.mini_r if case.variant == "mini" else None,
         "dtype": str(case.dtype).removeprefix("torch."),
         "device": str(case.device),
+        "quant": case.quant,
     }
 
 
