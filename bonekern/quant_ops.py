@@ -49,13 +49,17 @@ def sourced_bat_forward(
 ) -> Tensor:
     """y (M, N) in x's dtype from x (M, K)."""
     dtype = delta_dtype(x.dtype, block.dtype)
-    y = x.new_empty(x.shape[0], source.shape[0])
-    for a, b in _chunks(source, block.shape[-1], chunk_blocks):
+    b_x = None if bias is None else bias.to(x.dtype)
+    chunks = _chunks(source, block.shape[-1], chunk_blocks)
+    y = None if len(chunks) == 1 else x.new_empty(x.shape[0], source.shape[0])
+    for a, b in chunks:
         _, wp = _bat_rows(source, block, a, b, dtype)
-        y[:, a:b] = torch.mm(x, wp.to(x.dtype).t())  # [M, c*r]
-        del wp
-    if bias is not None:
-        y += bias.to(y.dtype)
+        wp_t = wp.to(x.dtype).t()  # [K, c*r]
+        part = torch.mm(x, wp_t) if b_x is None else torch.addmm(b_x[a:b], x, wp_t)  # [M, c*r]
+        if y is None:
+            return part
+        y[:, a:b] = part
+        del wp, wp_t, part
     return y
 
 
