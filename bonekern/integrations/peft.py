@@ -15,8 +15,9 @@ forward (a plain linear layer, nothing to fuse). Adapter terms are computed in f
 where PEFT runs it in float32; the difference is within x's dtype's tolerance.
 
 What bonekern does not serve runs PEFT's own forward, with a one-time warning (:class:`FallbackWarning`) naming the
-layer and the reason: layers that cannot be switched (quantised or non-``nn.Linear`` base layers, nested tuner
-layers, subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served
+layer and the reason: layers that cannot be switched (non-``nn.Linear`` base layers, quantised bases other than
+bat over a dequantisable one -- that is served by :mod:`bonekern.integrations.peft_quant` --, nested tuner layers,
+subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served
 (``miss_dropout > 0`` in training mode on bone/mini, several active adapters on one layer, extra forward
 arguments, x's dtype or device differing from the weight's, hooks on the base layer that must see its own call,
 disabled input casting with mixed dtypes). Under ``torch.compile`` the per-call warning is skipped (a warning would
