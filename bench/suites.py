@@ -51,6 +51,7 @@ class Suite:
     r: int = 64
     variants: tuple[str, ...] | None = None
     impls: tuple[str, ...] | None = None
+    dropout: float = 0.0
     quant: tuple[str, ...] = ()
     """Quantised bases (:data:`QUANT_BASES`) every case is run over; empty: the plain float base."""
 
@@ -86,16 +87,18 @@ SUITES: dict[str, Suite] = {
     "llama2-7b": _model_suite("llama2-7b"),
     "llama3-8b": _model_suite("llama3-8b"),
     "qwen2.5-7b": _model_suite("qwen2.5-7b"),
-    "acceptance": Suite(
-        "acceptance",
-        "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
-        "bone and bat, bonekern torch vs PEFT vs the frozen linear layer",
-        (LayerShape("acceptance", ("square",), 4096, 4096, False),),
-        tokens={"cpu": 2048, "cuda": 2048},
+    "dropout": Suite(
+        "dropout",
+        "bone and mini with miss_dropout = 0.1 while training, CPU fp32, TinyLlama-1.1B q_proj/o_proj and "
+        "gate_proj/up_proj, 512 tokens: bonekern (base layer + adapter_output, the mask regenerated in backward) vs "
+        "PEFT (nn.Dropout, the mask kept) vs the frozen linear layer",
+        (_TINY["q_proj"], _TINY["gate_proj"]),
+        tokens={"cpu": 512, "cuda": 8192},
         device="cpu",
         dtype=torch.float32,
-        variants=("bone", "bat"),
+        variants=("bone", "mini"),
         impls=("torch", "peft", "linear"),
+        dropout=0.1,
     ),
     "quant": Suite(
         "quant",
@@ -109,6 +112,17 @@ SUITES: dict[str, Suite] = {
         variants=("bat",),
         impls=("torch", "peft"),
         quant=tuple(QUANT_BASES),
+    ),
+    "acceptance": Suite(
+        "acceptance",
+        "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
+        "bone and bat, bonekern torch vs PEFT vs the frozen linear layer",
+        (LayerShape("acceptance", ("square",), 4096, 4096, False),),
+        tokens={"cpu": 2048, "cuda": 2048},
+        device="cpu",
+        dtype=torch.float32,
+        variants=("bone", "bat"),
+        impls=("torch", "peft", "linear"),
     ),
 }
 
@@ -124,7 +138,8 @@ def parse_shape(text: str) -> LayerShape:
 
 @dataclass(frozen=True)
 class Case:
-    """One measured problem: a layer shape, a variant, the block size, tokens, dtype and device."""
+    """One measured problem: a layer shape, a variant, the block size, tokens, dtype, device, and the adapter's
+    dropout probability while training (bone/mini; 0 = none)."""
 
     shape: LayerShape
     variant: str
@@ -133,6 +148,7 @@ class Case:
     tokens: int
     dtype: torch.dtype
     device: torch.device
+    dropout: float = 0.0
     quant: str | None = None
     """A :data:`QUANT_BASES` name: the base layer is quantised so (None: a plain float base)."""
 
@@ -141,5 +157,6 @@ class Case:
         """A stable key for baselines: shape, variant, r, dtype, tokens and quantised base (not the device)."""
         mini = f"/mini_r{self.mini_r}" if self.variant == "mini" else ""
         dtype = str(self.dtype).removeprefix("torch.")
+        drop = f"/dropout{self.dropout:g}" if self.dropout else ""
         quant = f"/{self.quant}" if self.quant else ""
-        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}/{dtype}/M{self.tokens}{quant}"
+        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}{drop}/{dtype}/M{self.tokens}{quant}"

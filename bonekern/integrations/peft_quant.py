@@ -9,7 +9,7 @@ Semantics match PEFT's bat forward (``F.linear(x, W + delta_weight, b)`` over th
 dequantised rows in float32 (float64 with a float64 block), the output in x's dtype. PEFT runs the GEMM in the
 dequantised weight's dtype promoted with the block's (float32 for a float32 block); bonekern runs it in x's
 dtype (equal for float32 models, within half-precision tolerance otherwise). ``miss_dropout`` is ignored on the
-bat path, as PEFT does.
+bat path, as PEFT does. Several active adapters arrive as one chained block (the caller's ``_bat_chain``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def _backend_name(quantization: object) -> str:
 def quantised_layer_reason(layer: nn.Module, variant: str | None) -> str | None:
     """Why a MissLinear over a quantised base cannot be switched (None when bonekern serves it)."""
     quantization = layer.quantization_backend
-    prefix = f"quantised base layer ({_backend_name(quantization)})"
-    if variant != "bat":  # bone/mini over a quantised base: served by the base forward + adapter-term path
+    prefix = f"bat over a quantised base layer ({_backend_name(quantization)})"
+    if variant != "bat":  # bone/mini over a quantised base: the base forward + adapter-term path serves them
+        return None
+    if not getattr(quantization, "supports_merge", False):  # forward-only: PEFT's own forward raises its error
         return prefix
-    if not getattr(quantization, "supports_merge", False):
-        return f"{prefix} cannot be dequantised (PEFT raises for bat)"
     base = layer.get_base_layer()
     try:
         source = weight_source(base)
@@ -54,14 +54,11 @@ def quantised_layer_reason(layer: nn.Module, variant: str | None) -> str | None:
     return None
 
 
-def _call_reason(layer: nn.Module, adapters: list[str], x: Tensor, args: tuple, kwargs: dict) -> str | None:
-    if len(adapters) > 1:
-        return f"{len(adapters)} active adapters {adapters} (bonekern serves one)"
+def _call_reason(layer: nn.Module, block: Tensor, x: Tensor, args: tuple, kwargs: dict) -> str | None:
     if args or kwargs:
         return "extra forward arguments for the base layer"
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         return f"x is {getattr(x, 'dtype', type(x).__name__)}, not a float tensor"
-    block = layer.miss_block[adapters[0]]
     if x.device != block.device:
         return f"x is on {x.device}, the adapter on {block.device}"
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
@@ -71,17 +68,17 @@ def _call_reason(layer: nn.Module, adapters: list[str], x: Tensor, args: tuple, 
 
 def quantised_forward(
     layer: nn.Module,
-    adapters: list[str],
+    block: Tensor,
     x: Tensor,
     args: tuple,
     kwargs: dict,
     fallback: Callable[[str], Tensor],
 ) -> Tensor:
-    """bat over the quantised base for the single active adapter, or ``fallback(reason)`` (PEFT's forward)."""
-    reason = _call_reason(layer, adapters, x, args, kwargs)
+    """bat over the quantised base with ``block`` (the active adapters' chained block), or ``fallback(reason)``
+    (PEFT's forward)."""
+    reason = _call_reason(layer, block, x, args, kwargs)
     if reason is not None:
         return fallback(reason)
     base = layer.get_base_layer()
-    block = layer.miss_block[adapters[0]]
     y = bat_linear_quantized(x, base, block, getattr(base, "bias", None))
     return y.to(x.dtype)

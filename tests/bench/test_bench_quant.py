@@ -17,7 +17,7 @@ def test_quant_case_runs_checks_and_keeps_x_only(quant):
     pytest.importorskip("bitsandbytes")
     n, k, tokens = 256, 128, 16
     shape = suites.LayerShape("test", ("layer",), n, k, True)
-    case = suites.Case(shape, "bat", 16, None, tokens, torch.float32, CPU, quant)
+    case = suites.Case(shape, "bat", 16, None, tokens, torch.float32, CPU, quant=quant)
     assert case.case_id.endswith(f"/{quant}")
     torch_rec, peft_rec = run_case(case, ["torch", "peft"], Settings(0.001, 2), timing.Timer(CPU))
     assert peft_rec["status"] == "ok" and torch_rec["status"] == "ok", (torch_rec, peft_rec)
