@@ -118,3 +118,29 @@ def test_accelerate_switches_and_matches_peft(saved_llama, quant):
         err = ((g - ref).norm() / ref.norm()).item()
         assert err < 1e-4, f"{quant} {name}: relative gradient error {err:.2e}"
     restore(model)
+
+
+def test_two_active_bat_adapters_over_nf4_chain_as_peft(saved_llama):
+    from peft import MissConfig
+
+    model = _peft_bat(saved_llama, "bnb-nf4")
+    model.add_adapter("second", MissConfig(target_modules=TARGETS, r=8, init_weights="bat"))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block.second" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.base_model.set_adapter(["default", "second"])
+    model.train()
+    ids = token_batch(4)
+    peft_loss, peft_grads = _loss_and_grads(model, ids)
+    assert any("second" in n for n in peft_grads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        report = accelerate(model)
+        assert not report.kept, str(report)
+        loss, grads = _loss_and_grads(model, ids)
+    assert torch.allclose(loss, peft_loss, rtol=1e-5, atol=1e-6), (loss, peft_loss)
+    for name, g in grads.items():
+        err = ((g - peft_grads[name]).norm() / peft_grads[name].norm()).item()
+        assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
