@@ -25,7 +25,9 @@ computed in float32 as in PEFT's default (float32 adapters); bat builds W' in fl
 where PEFT runs it in float32 (within x's dtype's tolerance).
 
 What bonekern does not serve runs PEFT's own forward, with a one-time warning (:class:`FallbackWarning`) naming the
-layer and the reason: layers that cannot be switched (bat over a quantised or non-``nn.Linear`` base layer,
+layer and the reason: layers that cannot be switched (bat over a non-``nn.Linear`` base layer or a quantised one
+bonekern cannot read by rows -- bat over bitsandbytes, torchao and hqq bases runs in
+:mod:`bonekern.integrations.peft_quant` --,
 subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served (bat with
 extra forward arguments, hooks on its base layer, or dtypes/devices that differ from the weight's; x that is not a
 float tensor). Under ``torch.compile`` the per-call warning is skipped (a warning would break the graph).
@@ -56,6 +58,7 @@ from ..dispatch import require_available
 from ..functional import adapter_output, bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
+from .peft_quant import quantised_forward, quantised_layer_reason
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +175,8 @@ def _layer_reason(layer: nn.Module) -> str | None:
             return f"adapter {adapter!r} has dtype {block.dtype}"
     if variant != "bat":
         return None  # bone/mini: the base layer runs its own forward, whatever it is
-    quantization = _quantization(layer)
-    if quantization is not None:
-        return f"bat over a quantised base layer ({quantization})"
+    if _quantization(layer) is not None:  # bat over a dequantisable base: bonekern.integrations.peft_quant
+        return quantised_layer_reason(layer, variant)
     base = layer.base_layer
     if base is not layer.get_base_layer():
         return f"bat over a nested tuner layer (base layer is a {type(base).__name__})"
@@ -330,6 +332,10 @@ class BonekernMissLinear(MissLinear):
             if len(shapes) > 1:
                 return self._fall_back(f"bat adapters {adapters} have different r ({sorted(shapes)})", x, args, kwargs)
             block = _bat_chain(self, adapters)
+            if _quantization(self) is not None:  # bat over a quantised base: bonekern.integrations.peft_quant
+                return quantised_forward(
+                    self, block, x, args, kwargs, lambda why: self._fall_back(why, x, args, kwargs)
+                )
             reason = _weight_path_reason(self, x, block, args, kwargs)
             if reason is not None:
                 return self._fall_back(reason, x, args, kwargs)
