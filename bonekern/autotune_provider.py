@@ -111,7 +111,7 @@ class BonekernProvider:
     ) -> tuple[list[Job], list[str]]:
         dev = torch.device(device)
         try:
-            backends = candidates_for(args.backend, dev)
+            candidates_for(args.backend, dev)  # the named backend can run here at all (else exit 2, not a traceback)
         except BackendUnavailableError as exc:
             raise ValueError(f"argument --backend: {exc}") from None
         members = scope_members(args.backend, dev.type)
@@ -139,10 +139,8 @@ class BonekernProvider:
                                 problem = OpProblem(
                                     op, m, shape.n, shape.k, r, spec.block_cols, dtype, block_dtype, dev
                                 )
-                                op_backends = [b for b in backends if b.implements(op)]
-                                space = search_space(
-                                    problem, args.backend, members, op_backends, needed_grads(op, None)
-                                )
+                                backends = candidates_for(args.backend, dev, op)
+                                space = search_space(problem, args.backend, members, backends, needed_grads(op, None))
                                 eid = space.key.entry_id
                                 labels.setdefault(eid, []).append("/".join(shape.layers))
                                 if eid not in jobs:
