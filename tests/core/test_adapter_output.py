@@ -276,3 +276,22 @@ def test_saved_tensor_check_detects_peft_dropout():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         model(x)
     assert (64, 96) in saved, saved
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_mask(reentrant):
+    """checkpoint restores the CPU RNG state before recomputing, so the recomputed forward draws the same spec."""
+    x = torch.randn(6, 20, requires_grad=True)
+    block = torch.randn(4, 8, requires_grad=True)
+
+    def f(x):
+        return bonekern.adapter_output(x, block, variant="mini", out_features=16, dropout_p=0.5).tanh()
+
+    torch.manual_seed(9)
+    f(x).square().sum().backward()
+    want = (x.grad.clone(), block.grad.clone())
+    x.grad = block.grad = None
+    torch.manual_seed(9)
+    out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=reentrant)
+    out.square().sum().backward()
+    assert torch.equal(x.grad, want[0]) and torch.equal(block.grad, want[1])
