@@ -43,6 +43,7 @@ from .common import interpreting
 
 class TritonBackend(Backend):
     name = "triton"
+    verify_before_use = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:

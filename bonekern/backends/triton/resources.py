@@ -44,7 +44,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from autotune.argtypes import positive_int, run_guarded
+from autotune.argtypes import run_guarded, up_to_cpus
 
 from .common import AotCase
 
@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="regenerate the baseline JSON files")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this architecture")
     parser.add_argument("--only", help="only cases whose key contains this string (not with --write)")
-    parser.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--processes", type=up_to_cpus, default=None, help="worker processes, at most the CPUs (default: CPU count)"
+    )
     args = parser.parse_args(argv)
     if args.write and args.only:
         parser.error("--write regenerates whole baselines; drop --only")
