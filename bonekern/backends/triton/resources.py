@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel x shipped config x dtype for sm_80, sm_90 and sm_100, with no GPU.
 
-For each :class:`~bonekern.backends.triton.common.AotCase` that a kernel module's ``aot_cases()`` returns (bone.py
-and bat.py, :data:`KERNEL_MODULES`), and each target whose config family (:data:`FAMILY`) ships the case,
+For each :class:`~bonekern.backends.triton.common.AotCase` that a kernel module's ``aot_cases()`` returns (bone.py,
+bat.py and adapter.py, :data:`KERNEL_MODULES`), and each target whose config family (:data:`FAMILY`) ships the case,
 ``triton.compile`` builds the cubin for ``GPUTarget("cuda", 80|90|100, 32)``; shared memory comes from the compiled
 metadata, registers and spills from the log of the ptxas Triton itself runs (its bundled ``ptxas``, CUDA 12.8, below
 sm_100; its ``ptxas-blackwell``, CUDA 13.1, from sm_100 on; the system ptxas is too old for Triton's PTX). For sm_90
@@ -48,7 +48,7 @@ from autotune.argtypes import run_guarded, up_to_cpus
 
 from .common import AotCase
 
-KERNEL_MODULES: tuple[str, ...] = ("bone", "bat")
+KERNEL_MODULES: tuple[str, ...] = ("bone", "bat", "adapter")
 """Modules of this package whose ``aot_cases()`` are compiled (each returns a list of AotCase)."""
 
 ARCHS: dict[str, int] = {"sm80": 80, "sm90": 90, "sm100": 100}
