@@ -47,6 +47,7 @@ from ..dispatch import require_available
 from ..functional import bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
+from . import deepspeed as _zero
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _layer_reason(layer: nn.Module) -> str | None:
     for adapter, block in layer.miss_block.items():
         mini_r = layer.miss_mini_r.get(adapter) if variant == "mini" else None
         try:
-            spec_from_block(variant, tuple(base.weight.shape), tuple(block.shape), mini_r)
+            spec_from_block(variant, _zero.shape_of(base.weight), _zero.shape_of(block), mini_r)
         except (TypeError, ValueError) as error:
             return f"adapter {adapter!r} does not fit variant {variant!r}: {error}"
         if block.dtype not in FLOAT_DTYPES:
@@ -185,8 +186,9 @@ def _config_fallback(layer: MissLinear) -> str | None:
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    if any(getattr(module, name) for name in _MODULE_HOOKS):
+def _has_hooks(module: nn.Module, zero: bool = False) -> bool:
+    """Hooks on ``module`` (or global ones) that must see its call; with ``zero``, DeepSpeed ZeRO-3's do not."""
+    if any(not (zero and _zero.is_known_hook(h)) for name in _MODULE_HOOKS for h in getattr(module, name).values()):
         return True
     return any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
 
@@ -194,11 +196,14 @@ def _has_hooks(module: nn.Module) -> bool:
 def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple, kwargs: dict) -> str | None:
     """Why this call cannot run on bonekern (None when it can). Pure Python on metadata: torch.compile traces it."""
     base = layer.base_layer
-    weight, bias, block = base.weight, base.bias, layer.miss_block[adapter]
+    (weight, bias), block = _zero.base_parameters(base), layer.miss_block[adapter]
     if args or kwargs:
         return "extra forward arguments for the base layer"
-    if _has_hooks(base):
+    zero = _zero.is_partitioned(weight)
+    if _has_hooks(base, zero):
         return "the base layer has hooks that must see its own call"
+    if zero and (reason := _zero.zero_call_reason(weight, bias, block)) is not None:
+        return reason
     if layer.miss_fn != "bat":  # PEFT's bat ignores miss_dropout
         dropout = layer.miss_dropout[adapter]
         p = _dropout_p(layer, adapter)
@@ -262,11 +267,13 @@ class BonekernMissLinear(MissLinear):
         adapter = adapters[0]
         block = self.miss_block[adapter]
         variant = _variant(self)
-        y = bone_linear(
+        weight, bias = _zero.base_parameters(self.base_layer)
+        linear = _zero.zero_linear if _zero.is_partitioned(weight) else bone_linear  # ZeRO-3: gathers W per call
+        y = linear(
             x,
-            self.base_layer.weight,
+            weight,
             block,
-            self.base_layer.bias,
+            bias,
             variant=variant,
             mini_r=block.shape[1] if variant == "mini" else None,
             backend=self._bonekern_backend,

@@ -8,14 +8,12 @@ deadline here after which the workers are killed.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.support import assert_close_to_reference
+from tests.support.spawn import run_workers
 
 pytest.importorskip("peft", reason="needs the peft package (pip install 'bonekern[peft]')")
 pytest.importorskip("transformers", reason="needs the transformers package (pip install 'bonekern[peft]')")
@@ -24,23 +22,6 @@ from tests.integrations import distributed_worker as worker
 
 WORLD = 2
 DEADLINE_S = 240
-
-
-def run_workers(out_dir) -> list[dict]:
-    context = mp.start_processes(
-        worker.main, args=(WORLD, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
 def one_process(model, loss_fn, *batch) -> dict:
@@ -55,7 +36,7 @@ def one_process(model, loss_fn, *batch) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_ddp_and_fsdp2_match_one_process(tmp_path):
-    ranks = run_workers(tmp_path)
+    ranks = run_workers(worker.main, tmp_path, WORLD, DEADLINE_S)
 
     x, target = worker.bone_net_batch(WORLD)
     references = {"bonenet": one_process(worker.bone_net(), worker.bone_net_loss, x, target)}
