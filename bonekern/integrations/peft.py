@@ -18,7 +18,8 @@ What bonekern does not serve runs PEFT's own forward, with a one-time warning (:
 layer and the reason: layers that cannot be switched (quantised or non-``nn.Linear`` base layers, nested tuner
 layers, subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served
 (``miss_dropout > 0`` in training mode on bone/mini, several active adapters on one layer, extra forward
-arguments, x's dtype or device differing from the weight's, hooks on the base layer that must see its own call,
+arguments, x's dtype or device differing from the weight's, hooks on the base layer that must see its own call
+(DeepSpeed ZeRO-3's own are not such: :mod:`bonekern.integrations.deepspeed` gathers the base weight instead),
 disabled input casting with mixed dtypes). Under ``torch.compile`` the per-call warning is skipped (a warning would
 break the graph); ``accelerate`` already warns about the configurations that will fall back.
 """
