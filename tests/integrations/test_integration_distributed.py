@@ -1,5 +1,6 @@
-"""DistributedDataParallel and FSDP2 (``fully_shard``) over two CPU processes (gloo) train bonekern models,
-BoneLinear in all variants and an accelerated PEFT MiSS Llama, with the same gradients as one process.
+"""DistributedDataParallel, FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``) over two CPU processes
+(gloo) train bonekern models, BoneLinear in all variants and an accelerated PEFT MiSS Llama, with the same gradients
+as one process.
 
 The ranks run tests/integrations/distributed_worker.py; this process computes the single-process reference on the
 full batch and compares. Bounded: a file store (no ports to pick), a 60 s collective timeout in the workers and a
@@ -42,7 +43,7 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
     references = {"bonenet": one_process(worker.bone_net(), worker.bone_net_loss, x, target)}
     references["llama"] = one_process(worker.llama(), worker.llama_loss, worker.llama_batch(WORLD))
 
-    for case in ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2", "llama-fsdp2-late"):
+    for case in ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2", "llama-fsdp2-late", "llama-fsdp1"):
         reference = references[case.split("-")[0]]
         mean_loss = sum(r[case]["loss"] for r in ranks) / WORLD
         assert_close_to_reference(mean_loss, reference["loss"], torch.float32, f"{case} loss")
@@ -61,6 +62,13 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
         assert result["bonekern_calls"] == 2 * 14  # every MiSS layer ran bonekern under DDP and FSDP2
         assert result["bonekern_calls_late"] == 14
         assert "14 of 14 MiSS layers switched" in result["late_report"]
+        assert result["bonekern_calls_fsdp1"] == 14  # FSDP1 (use_orig_params=True): no hook on the base layers
+        # After FSDP1 wrapping the weights are flat shards outside forward: accelerate first (docs/training-stacks.md).
+        assert "0 of 14 MiSS layers switched" in result["fsdp1"]["late_report"]
+        assert "weight must be 2-D" in result["fsdp1"]["late_report"]
+        # use_orig_params=False cannot flatten PEFT's frozen base and trainable blocks into one unit, with or without
+        # bonekern.
+        assert "uniform `requires_grad`" in result["fsdp1"]["flat_error"]
         classes = result["classes"]
         assert classes["accelerated_then_sharded"] == "FSDPBonekernMissLinear"
         assert classes["restored"] == 14

@@ -65,3 +65,25 @@ def test_zero3_hooks_are_the_known_ones_and_a_foreign_hook_still_falls_back(rank
         (message,) = ours["foreign_hook"]
         assert "layers.0.self_attn.q_proj runs PEFT's own forward" in message
         assert "hooks that must see its own call" in message
+
+
+def test_helpers_leave_plain_modules_alone():
+    """Without DeepSpeed: shapes are .shape, parameters are the module's, and no hook is taken for a ZeRO-3 one."""
+    import functools
+
+    from torch import nn
+
+    from bonekern.integrations import deepspeed as bk_zero
+
+    linear = nn.Linear(6, 4)
+    assert bk_zero.shape_of(linear.weight) == (4, 6) and not bk_zero.is_partitioned(linear.weight)
+    weight, bias = bk_zero.base_parameters(linear)
+    assert weight is linear.weight and bias is linear.bias
+
+    def _pre_forward_module_hook(module, args):  # DeepSpeed's name, but not DeepSpeed's module
+        return None
+
+    wrapped = functools.wraps(_pre_forward_module_hook)(lambda *a: _pre_forward_module_hook(*a))
+    assert bk_zero.hook_name(wrapped)[1].endswith("_pre_forward_module_hook")
+    assert not bk_zero.is_known_hook(wrapped)
+    assert bk_zero.zero_call_reason(linear.weight, linear.bias, linear.weight) is not None  # a trainable base
