@@ -7,8 +7,11 @@
 - ``linear``: the frozen base layer alone, ``F.linear(x, W, b)``: the floor every adapter adds to.
 
 All share one weight and bias tensor (PEFT wraps the same ``nn.Linear``); the adapters start from the same block
-values, so bonekern's outputs and gradients can be checked against PEFT's. x requires grad (a layer inside a
-network), W and the bias are frozen; backward computes dx and the adapter's gradients.
+values, so bonekern's outputs and gradients can be checked against PEFT's. With dropout (``case.dropout > 0``,
+bone/mini) bonekern runs what ``accelerate`` runs for such a layer, the base layer plus
+``bonekern.adapter_output`` (its mask regenerated in backward), PEFT its ``nn.Dropout``; their masks differ, so
+those cases are not output-checked (tests/integrations check them with PEFT given bonekern's masks). x requires
+grad (a layer inside a network), W and the bias are frozen; backward computes dx and the adapter's gradients.
 """
 
 from __future__ import annotations
@@ -162,25 +165,59 @@ def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
     if impl in BONEKERN_IMPLS:
         block = t.block_init.clone().requires_grad_()
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return bonekern.bone_linear(
-                x, t.weight, block, t.bias, variant=spec.variant, mini_r=spec.mini_r, backend=impl
-            )
+        if case.dropout:
 
-        return Impl(impl, impl, forward, [block], [*frozen, block], spec.variant, block.numel(), checkable=True)
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                term = bonekern.adapter_output(
+                    x,
+                    block,
+                    variant=spec.variant,
+                    out_features=spec.out_features,
+                    mini_r=spec.mini_r,
+                    dropout_p=case.dropout,
+                    backend=impl,
+                )
+                return F.linear(x, t.weight, t.bias) + term
+
+        else:
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return bonekern.bone_linear(
+                    x, t.weight, block, t.bias, variant=spec.variant, mini_r=spec.mini_r, backend=impl
+                )
+
+        checkable = not case.dropout
+        return Impl(impl, impl, forward, [block], [*frozen, block], spec.variant, block.numel(), checkable=checkable)
     if impl == "linear":
         return Impl(impl, impl, lambda x: F.linear(x, t.weight, t.bias), [], frozen, "linear", 0)
     import peft
 
     if impl == "peft":
         init = {"bone": True, "bat": "bat", "mini": "mini"}[spec.variant]
-        config = peft.MissConfig(r=spec.r, init_weights=init, mini_r=spec.mini_r or spec.r, target_modules=["0"])
+        config = peft.MissConfig(
+            r=spec.r,
+            init_weights=init,
+            mini_r=spec.mini_r or spec.r,
+            miss_dropout=case.dropout,
+            target_modules=["0"],
+        )
         model = peft.get_peft_model(nn.Sequential(t.base_linear()), config)
         layer = model.base_model.model[0]
         block = layer.miss_block["default"]
         with torch.no_grad():
             block.copy_(t.block_init)
-        return Impl(impl, impl, layer, [block], [*frozen, block], spec.variant, block.numel(), True, [model])
+        checkable = not case.dropout
+        return Impl(
+            impl,
+            impl,
+            layer,
+            [block],
+            [*frozen, block],
+            spec.variant,
+            block.numel(),
+            checkable=checkable,
+            keepalive=[model],  # by keyword: the positional slot after trainable_params is lora_rank
+        )
     if impl == "lora":
         q = lora_rank_for(spec)
         config = peft.LoraConfig(r=q, lora_alpha=q, lora_dropout=0.0, target_modules=["0"])

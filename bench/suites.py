@@ -51,6 +51,7 @@ class Suite:
     r: int = 64
     variants: tuple[str, ...] | None = None
     impls: tuple[str, ...] | None = None
+    dropout: float = 0.0
 
 
 def _model_suite(model: str) -> Suite:
@@ -77,6 +78,19 @@ SUITES: dict[str, Suite] = {
     "llama2-7b": _model_suite("llama2-7b"),
     "llama3-8b": _model_suite("llama3-8b"),
     "qwen2.5-7b": _model_suite("qwen2.5-7b"),
+    "dropout": Suite(
+        "dropout",
+        "bone and mini with miss_dropout = 0.1 while training, CPU fp32, TinyLlama-1.1B q_proj/o_proj and "
+        "gate_proj/up_proj, 512 tokens: bonekern (base layer + adapter_output, the mask regenerated in backward) vs "
+        "PEFT (nn.Dropout, the mask kept) vs the frozen linear layer",
+        (_TINY["q_proj"], _TINY["gate_proj"]),
+        tokens={"cpu": 512, "cuda": 8192},
+        device="cpu",
+        dtype=torch.float32,
+        variants=("bone", "mini"),
+        impls=("torch", "peft", "linear"),
+        dropout=0.1,
+    ),
     "acceptance": Suite(
         "acceptance",
         "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
@@ -102,7 +116,8 @@ def parse_shape(text: str) -> LayerShape:
 
 @dataclass(frozen=True)
 class Case:
-    """One measured problem: a layer shape, a variant, the block size, tokens, dtype and device."""
+    """One measured problem: a layer shape, a variant, the block size, tokens, dtype, device, and the adapter's
+    dropout probability while training (bone/mini; 0 = none)."""
 
     shape: LayerShape
     variant: str
@@ -111,10 +126,12 @@ class Case:
     tokens: int
     dtype: torch.dtype
     device: torch.device
+    dropout: float = 0.0
 
     @property
     def case_id(self) -> str:
         """A stable key for baselines: shape, variant, r, dtype and tokens (not the device)."""
         mini = f"/mini_r{self.mini_r}" if self.variant == "mini" else ""
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}/{dtype}/M{self.tokens}"
+        drop = f"/dropout{self.dropout:g}" if self.dropout else ""
+        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}{drop}/{dtype}/M{self.tokens}"

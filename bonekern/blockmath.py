@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import DropoutSpec, keep_mask
+from .dropout import HASH_MUL1, HASH_MUL2, HI_SALT, MASK32, UNIFORM_BITS, DropoutSpec, keep_mask, mix32
 from .validation import delta_dtype
 
 MERGE_CHUNK_ROWS = 4096
@@ -72,6 +72,43 @@ def dropout_bands(m: int, k: int, band_elements: int = DROPOUT_BAND_ELEMENTS) ->
     return [(i, min(m, i + rows)) for i in range(0, m, rows)]
 
 
+def _signed32(value: int) -> int:
+    """The int32 whose bit pattern is the unsigned 32-bit ``value``."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _mix32_int32_(x: torch.Tensor) -> torch.Tensor:
+    """In place: :func:`bonekern.dropout.mix32` on int32 tensors holding 32-bit patterns. Multiplication wraps
+    modulo 2**32 in int32; right shifts are made logical by masking the sign-extended bits."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= _signed32(HASH_MUL1)
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _signed32(HASH_MUL2)
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def keep_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The keep mask of rows ``rows = (start, stop)`` of an (M, K) input: bit-identical to
+    :func:`bonekern.dropout.keep_mask`, computed with int32 arithmetic (about a third of the oracle's work).
+
+    The counters of a band share their upper 32 bits unless the band crosses a multiple of 2**32; then, rarely,
+    the oracle itself computes the band.
+    """
+    i0, i1 = rows
+    first = spec.offset + i0 * k
+    count = (i1 - i0) * k
+    if count == 0 or (first >> 32) != ((first + count - 1) >> 32):
+        return keep_mask(spec, i1, k, device, rows=rows)
+    hi = torch.tensor(((first >> 32) ^ HI_SALT) & MASK32, dtype=torch.int64)
+    key = int(mix32((spec.seed & MASK32) ^ mix32(hi)))
+    u = torch.arange(count, dtype=torch.int64, device=device).add_(first & MASK32).to(torch.int32)  # lo32(c)
+    u ^= _signed32(key)
+    _mix32_int32_(u)
+    keep = ((u >> 8) & ((1 << UNIFORM_BITS) - 1)) >= spec.threshold
+    return keep.view(i1 - i0, k)
+
+
 def group_sum_dropped(
     x: torch.Tensor, r: int, dtype: torch.dtype, dropout: DropoutSpec, band_elements: int = DROPOUT_BAND_ELEMENTS
 ) -> torch.Tensor:
@@ -80,7 +117,7 @@ def group_sum_dropped(
     m, k = x.shape
     s = torch.empty(m, r, dtype=dtype, device=x.device)
     for i0, i1 in dropout_bands(m, k, band_elements):
-        mask = keep_mask(dropout, m, k, x.device, rows=(i0, i1))  # [band, K]
+        mask = keep_band(dropout, k, (i0, i1), x.device)  # [band, K]
         band = (x[i0:i1].to(dtype) * mask).mul_(dropout.scale)  # [band, K], a new tensor (never x itself)
         s[i0:i1] = group_sum(band, r, dtype)
     return s
@@ -102,7 +139,7 @@ def spread_dropped(
         dx.copy_(t.repeat(1, groups)[:, :k])
         return dx
     for i0, i1 in dropout_bands(m, k, band_elements):
-        mask = keep_mask(dropout, m, k, t.device, rows=(i0, i1))  # [band, K]
+        mask = keep_band(dropout, k, (i0, i1), t.device)  # [band, K]
         band = t[i0:i1].repeat(1, groups)[:, :k]  # [band, K] in t's dtype
         dx[i0:i1] = band.mul_(mask).mul_(dropout.scale)
     return dx

@@ -184,8 +184,8 @@ def zero_linear(
     bias: Tensor | None,
     *,
     variant: str,
-    mini_r: int | None,
-    backend: str,
+    mini_r: int | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """:func:`bonekern.bone_linear` for a ZeRO-3 partitioned base weight (see :class:`ZeroGatheredLinear`).
 

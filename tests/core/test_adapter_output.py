@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import bonekern
 from bonekern import reference
 from bonekern.backends import BACKEND_NAMES, get_backend
-from bonekern.blockmath import group_sum_dropped, spread_dropped
+from bonekern.blockmath import group_sum_dropped, keep_band, spread_dropped
 from bonekern.dropout import DropoutSpec, keep_mask
 from tests.support import assert_close_to_reference, backend_or_skip
 
@@ -106,6 +106,23 @@ def test_banded_masks_equal_the_whole_mask():
     t = torch.randn(37, 6, dtype=torch.float64)
     want = reference.dropped_input(t[:, torch.arange(29) % 6], spec)
     assert torch.equal(spread_dropped(t, 29, torch.float64, spec, band_elements=50), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    offset=st.one_of(st.integers(0, 2**40), st.integers(2**32 - 300, 2**32 + 300)),
+    m=st.integers(1, 9),
+    k=st.integers(1, 70),
+    p=st.floats(0.01, 0.99),
+    data=st.data(),
+)
+def test_fast_band_mask_is_the_oracle(seed, offset, m, k, p, data):
+    """The torch backend's int32 mask equals bonekern.dropout.keep_mask bit for bit (bands crossing 2**32 too)."""
+    spec = DropoutSpec(p, seed, offset)
+    i0 = data.draw(st.integers(0, m - 1))
+    i1 = data.draw(st.integers(i0, m))
+    assert torch.equal(keep_band(spec, k, (i0, i1), torch.device("cpu")), keep_mask(spec, m, k, rows=(i0, i1)))
 
 
 def test_dropout_distribution():

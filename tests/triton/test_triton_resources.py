@@ -1,7 +1,7 @@
 """Resource baseline of the Triton kernels (bone.py and bat.py): every kernel x shipped config x dtype compiled ahead
 of time for sm_80, sm_90 and sm_100 (sm_100 runs the sm_90 family's tables; no GPU needed) must not spill, must fit
 255 registers and the architecture's shared memory, and must not use more spills or shared memory than
-profiles/resources/triton_sm{80,90,100}.json record. The
+the running Triton's profiles/resources/triton-<X.Y>/triton_sm{80,90,100}.json record. The
 specialisations outside the shipped inputs (fp64, fp16, int64 offsets, atomic dB, fp64 block, r = 1 / 3 / 48) are
 compiled in the same run and held to the same absolute rules, without being stored.
 

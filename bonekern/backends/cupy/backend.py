@@ -63,6 +63,7 @@ class CupyBackend(Backend):
     """CUDA C++ kernels through CuPy; available on CUDA devices when CuPy (with NVRTC) imports."""
 
     name = "cupy"
+    verify_before_use = True
     shared_source_modules = ("bonekern.backends.cupy",)  # the whole package: host.py, sources.py, kernels/*.cu
 
     def unavailable_reason(self, device: torch.device) -> str | None:

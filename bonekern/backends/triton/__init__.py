@@ -16,7 +16,8 @@ Layout of this package (importing it never imports triton; kernels load on first
   launch functions; ``bat.py``: the same for bat (``aot_cases()`` also returns the specialisations outside the
   shipped inputs, checked but not stored);
 - ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 / sm_100 without a GPU, checks registers,
-  spills and shared memory, and keeps the baseline ``profiles/resources/triton_sm{80,90,100}.json``
+  spills and shared memory, and keeps one baseline per Triton minor version,
+  ``profiles/resources/triton-<X.Y>/triton_sm{80,90,100}.json``
   (``python -m bonekern.backends.triton.resources [--write]``).
 
 A call, e.g. bone forward: ``TritonBackend.prepare_config`` (once per decision) -> ``configs.prepare`` ->
@@ -40,6 +41,7 @@ from .common import interpreting
 
 class TritonBackend(Backend):
     name = "triton"
+    verify_before_use = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:

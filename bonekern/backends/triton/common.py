@@ -108,9 +108,9 @@ class AotCase:
         dtype: the input (x) dtype this specialisation is for ("bf16", "fp16", "fp32", "fp64").
         archs: the architecture families ("sm80", "sm90": ``tiles.SHIPPED_ARCHS``) whose configs launch this
             specialisation; ``resources.py`` compiles it for each of them.
-        in_baseline: stored in ``profiles/resources/triton_<arch>.json`` and held to it (no more spills or shared
-            memory than stored). False for specialisations outside the shipped inputs (fp64, int64 offsets, ...):
-            compiled and held to the absolute rules only (compiles, no spills, registers, shared memory).
+        in_baseline: stored in ``profiles/resources/triton-<X.Y>/triton_<arch>.json`` and held to it (no more spills
+            or shared memory than stored). False for specialisations outside the shipped inputs (fp64, int64 offsets,
+            ...): compiled and held to the absolute rules only (compiles, no spills, registers, shared memory).
     """
 
     kernel: str

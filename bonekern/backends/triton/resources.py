@@ -12,9 +12,9 @@ inner strides (Triton specialises a stride of 1 to a constant), every other inte
 
 Rules (:func:`problems`): every case compiles, does not spill (fp64 on sm_100 excepted: :data:`SPILLS_TOLERATED`),
 fits 255 registers and the architecture's shared memory; a baseline case (``in_baseline``) uses no more spills or
-shared memory than ``profiles/resources/triton_<arch>.json`` stores. Cases with ``in_baseline=False``
-(specialisations outside the shipped inputs: fp64, int64 offsets, ...) are held to the
-absolute rules only and are not stored.
+shared memory than the running Triton's ``profiles/resources/triton-<major.minor>/triton_<arch>.json`` stores.
+Cases with ``in_baseline=False`` (specialisations outside the shipped inputs: fp64, int64 offsets, ...) are held to
+the absolute rules only and are not stored.
 
 Compiles run in worker processes without ``TRITON_INTERPRET`` (so the kernels and the ``@triton.jit`` helpers they
 call are real ``JITFunction`` objects even when the caller, e.g. the test suite, interprets), with Triton's cache
@@ -23,7 +23,7 @@ off so ptxas always runs and logs.
 Usage::
 
     python -m bonekern.backends.triton.resources            # compile, print, compare (exit 1 on a problem)
-    python -m bonekern.backends.triton.resources --write    # regenerate profiles/resources/triton_sm{80,90,100}.json
+    python -m bonekern.backends.triton.resources --write    # regenerate the running Triton's baselines
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from autotune.argtypes import positive_int, run_guarded
+from autotune.argtypes import run_guarded, up_to_cpus
 
 from .common import AotCase
 
@@ -71,8 +71,9 @@ r). That costs fp64 speed on B200, not correctness; a table of fp64 tiles for sm
 MAX_REGISTERS = 255
 """Per-thread register limit of the architecture; a kernel at the limit is likely to spill elsewhere."""
 
-BASELINE_DIR = Path(__file__).resolve().parents[3] / "profiles" / "resources"
-"""Where the baseline lives: ``triton_<arch>.json``."""
+RESOURCES_DIR = Path(__file__).resolve().parents[3] / "profiles" / "resources"
+"""Where the baselines live: one folder per Triton minor version, ``triton-<major.minor>/triton_<arch>.json``
+(each Triton release compiles the same kernels to different registers and shared memory)."""
 
 SECOND_PTXAS: dict[str, str] = {"sm90": "ptxas-blackwell"}
 """Per architecture, a second bundled ptxas that compiles the same PTX (``--gpu-name=sm_90a``) and is held to the
@@ -239,8 +240,26 @@ def measure(
     return {arch: dict(sorted(results.items())) for arch, results in out.items()}
 
 
-def baseline_path(arch: str) -> Path:
-    return BASELINE_DIR / f"triton_{arch}.json"
+def triton_minor(version: str | None = None) -> str:
+    """``"3.7"`` for Triton ``3.7.1`` (``version`` or the installed one): the baselines are kept per minor version."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"version: expected a Triton version such as '3.7.1', got {version!r}")
+    return f"{match[1]}.{match[2]}"
+
+
+def baseline_dir(version: str | None = None) -> Path:
+    """The baseline folder of Triton ``version`` (default: the installed one): ``profiles/resources/triton-X.Y``."""
+    return RESOURCES_DIR / f"triton-{triton_minor(version)}"
+
+
+def baseline_path(arch: str, version: str | None = None) -> Path:
+    """The baseline file of ``arch`` for Triton ``version`` (default: the installed one)."""
+    return baseline_dir(version) / f"triton_{arch}.json"
 
 
 def load_baseline(arch: str) -> dict[str, dict[str, Any]]:
@@ -346,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="regenerate the baseline JSON files")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this architecture")
     parser.add_argument("--only", help="only cases whose key contains this string (not with --write)")
-    parser.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--processes", type=up_to_cpus, default=None, help="worker processes, at most the CPUs (default: CPU count)"
+    )
     args = parser.parse_args(argv)
     if args.write and args.only:
         parser.error("--write regenerates whole baselines; drop --only")
