@@ -115,7 +115,7 @@ def train(variant: str, world: int, rank: int, bonekern: bool) -> dict:
         fallbacks=[str(w.message) for w in caught if issubclass(w.category, FallbackWarning)],
         calls=CALLS[0] - calls,
     )
-    if bonekern and variant == VARIANTS[-1]:
+    if bonekern and variant == "bat":  # bone/mini serve a foreign hook with the base layer's own forward
         out["hooks"] = sorted(_hook_names(engine.module))
         out["foreign_hook"] = _foreign_hook(engine, batches(world, rank)[0])
     engine.destroy()
