@@ -8,6 +8,7 @@ implementation failed or its outputs did not match PEFT's (its numbers mean noth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -171,11 +172,12 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     mini_r = args.mini_r or r
     dropout = suite.dropout if args.dropout is None else args.dropout
     cases, skipped = [], []
-    for shape in shapes:
+    for shape, quant in [(shape, quant) for shape in shapes for quant in suite.quant or (None,)]:
         for v in variants:
             case = Case(
                 shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device, dropout if v != "bat" else 0.0
             )
+            case = dataclasses.replace(case, quant=quant) if quant else case
             try:
                 make_spec(v, shape.n, shape.k, r, case.mini_r)
             except ValueError as exc:

@@ -58,6 +58,7 @@ def _case_fields(case: Case) -> dict[str, Any]:
         "dropout": case.dropout,
         "dtype": str(case.dtype).removeprefix("torch."),
         "device": str(case.device),
+        "quant": case.quant,
     }
 
 

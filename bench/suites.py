@@ -52,6 +52,15 @@ class Suite:
     variants: tuple[str, ...] | None = None
     impls: tuple[str, ...] | None = None
     dropout: float = 0.0
+    quant: tuple[str, ...] = ()
+    """Quantised bases (:data:`QUANT_BASES`) every case is run over; empty: the plain float base."""
+
+
+QUANT_BASES: dict[str, str] = {
+    "nf4": "bitsandbytes Linear4bit, nf4, blocksize 64, double-quantised absmax (compress_statistics)",
+    "int8": "bitsandbytes Linear8bitLt, int8 rows with a row scale (has_fp16_weights=False)",
+}
+"""The quantised base layers the bench builds (:func:`bench.impls.quantised_base`), by the name a case carries."""
 
 
 def _model_suite(model: str) -> Suite:
@@ -91,6 +100,19 @@ SUITES: dict[str, Suite] = {
         impls=("torch", "peft", "linear"),
         dropout=0.1,
     ),
+    "quant": Suite(
+        "quant",
+        "bat over quantised bases (bitsandbytes nf4 and int8): bonekern's sourced op (W' formed a chunk of rows "
+        "at a time from the packed weight) vs PEFT (dequantises W whole); TinyLlama-1.1B q_proj/o_proj 2048x2048 "
+        "and gate_proj/up_proj 5632x2048, 512 tokens, CPU fp32",
+        (_TINY["q_proj"], _TINY["gate_proj"]),
+        tokens={"cpu": 512, "cuda": 8192},
+        device="cpu",
+        dtype=torch.float32,
+        variants=("bat",),
+        impls=("torch", "peft"),
+        quant=tuple(QUANT_BASES),
+    ),
     "acceptance": Suite(
         "acceptance",
         "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
@@ -127,11 +149,14 @@ class Case:
     dtype: torch.dtype
     device: torch.device
     dropout: float = 0.0
+    quant: str | None = None
+    """A :data:`QUANT_BASES` name: the base layer is quantised so (None: a plain float base)."""
 
     @property
     def case_id(self) -> str:
-        """A stable key for baselines: shape, variant, r, dtype and tokens (not the device)."""
+        """A stable key for baselines: shape, variant, r, dtype, tokens and quantised base (not the device)."""
         mini = f"/mini_r{self.mini_r}" if self.variant == "mini" else ""
         dtype = str(self.dtype).removeprefix("torch.")
         drop = f"/dropout{self.dropout:g}" if self.dropout else ""
-        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}{drop}/{dtype}/M{self.tokens}"
+        quant = f"/{self.quant}" if self.quant else ""
+        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}{drop}/{dtype}/M{self.tokens}{quant}"

@@ -139,10 +139,8 @@ class BonekernProvider:
                                 problem = OpProblem(
                                     op, m, shape.n, shape.k, r, spec.block_cols, dtype, block_dtype, dev
                                 )
-                                op_backends = [b for b in backends if b.implements(op)]
-                                space = search_space(
-                                    problem, args.backend, members, op_backends, needed_grads(op, None)
-                                )
+                                backends = candidates_for(args.backend, dev, op)
+                                space = search_space(problem, args.backend, members, backends, needed_grads(op, None))
                                 eid = space.key.entry_id
                                 labels.setdefault(eid, []).append("/".join(shape.layers))
                                 if eid not in jobs:

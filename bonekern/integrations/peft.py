@@ -25,7 +25,9 @@ computed in float32 as in PEFT's default (float32 adapters); bat builds W' in fl
 where PEFT runs it in float32 (within x's dtype's tolerance).
 
 What bonekern does not serve runs PEFT's own forward, with a one-time warning (:class:`FallbackWarning`) naming the
-layer and the reason: layers that cannot be switched (bat over a quantised or non-``nn.Linear`` base layer,
+layer and the reason: layers that cannot be switched (bat over a non-``nn.Linear`` base layer or a quantised one
+bonekern cannot read by rows -- bat over bitsandbytes, torchao and hqq bases runs in
+:mod:`bonekern.integrations.peft_quant` --,
 subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served (bat with
 extra forward arguments, hooks on its base layer, or dtypes/devices that differ from the weight's; x that is not a
 float tensor). Under ``torch.compile`` the per-call warning is skipped (a warning would break the graph).
@@ -59,6 +61,7 @@ from ..functional import adapter_output, bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
 from . import deepspeed as _zero
+from .peft_quant import quantised_forward, quantised_layer_reason
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +71,10 @@ __all__ = [
     "FallbackWarning",
     "accelerate",
     "accelerated",
-    "is_patched",
-    "patch",
+    "is_patched",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
+    "patch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
     "restore",
-    "unpatch",
+    "unpatch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
 ]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,9 +178,8 @@ def _layer_reason(layer: nn.Module) -> str | None:
             return f"adapter {adapter!r} has dtype {block.dtype}"
     if variant != "bat":
         return None  # bone/mini: the base layer runs its own forward, whatever it is
-    quantization = _quantization(layer)
-    if quantization is not None:
-        return f"bat over a quantised base layer ({quantization})"
+    if _quantization(layer) is not None:  # bat over a dequantisable base: bonekern.integrations.peft_quant
+        return quantised_layer_reason(layer, variant)
     base = layer.base_layer
     if base is not layer.get_base_layer():
         return f"bat over a nested tuner layer (base layer is a {type(base).__name__})"
@@ -337,6 +339,10 @@ class BonekernMissLinear(MissLinear):
             if len(shapes) > 1:
                 return self._fall_back(f"bat adapters {adapters} have different r ({sorted(shapes)})", x, args, kwargs)
             block = _bat_chain(self, adapters)
+            if _quantization(self) is not None:  # bat over a quantised base: bonekern.integrations.peft_quant
+                return quantised_forward(
+                    self, block, x, args, kwargs, lambda why: self._fall_back(why, x, args, kwargs)
+                )
             reason = _weight_path_reason(self, x, block, args, kwargs)
             if reason is not None:
                 return self._fall_back(reason, x, args, kwargs)
@@ -515,5 +521,14 @@ def accelerated(model: nn.Module, *, backend: str = "auto") -> Iterator[Accelera
                 layer._bonekern_backend = before[id(layer)]
 
 
-# The global patch lives in its own module; imported last because it uses this module's machinery.
-from .patch import is_patched, patch, unpatch  # noqa: E402
+_PATCH_NAMES = ("is_patched", "patch", "unpatch")
+
+
+def __getattr__(name: str):
+    """``patch``, ``unpatch`` and ``is_patched`` live in :mod:`.patch`, which builds on this module; they are
+    re-exported here lazily (PEP 562) so the two modules never import each other at module level."""
+    if name in _PATCH_NAMES:
+        from . import patch as patch_module
+
+        return getattr(patch_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -146,18 +146,17 @@ def test_accelerate_and_restore_on_a_patched_model():
 def test_a_fallback_runs_peft_forward_without_recursion():
     base = tiny_llama()
     ids = token_batch(2)
-    reference = miss_model("bone", base, miss_dropout=0.1)
+    reference = miss_model("bat", base)
     patch()
-    with pytest.warns(FallbackWarning, match="miss_dropout"):  # accelerate's report: it will fall back in training
-        model = miss_model("bone", base, miss_dropout=0.1)
+    model = miss_model("bat", base)
     assert all_bonekern(model)
-    model.train()
-    reference.train()
-    with pytest.warns(FallbackWarning, match="miss_dropout"):
-        torch.manual_seed(5)
-        loss = lm_loss(model, ids)
-    torch.manual_seed(5)
-    assert torch.equal(loss, lm_loss(reference, ids))
+    # bat runs on the base weight, so a hook on the base layer that must see its own call makes each call fall
+    # back to PEFT's forward -- which must not land in the patched layer's forward again.
+    layer = next(m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "miss_block"))
+    layer.base_layer.register_forward_hook(lambda module, args, out: None)
+    with pytest.warns(FallbackWarning, match="hooks that must see its own call"):
+        loss = lm_loss(model, ids)  # a fallback that re-entered the patched forward would never return
+    assert torch.allclose(loss, lm_loss(reference, ids), rtol=1e-5, atol=1e-6)
 
 
 def test_patch_rejects_bad_backends():
