@@ -5,4 +5,5 @@
 - :mod:`bonekern.integrations.transformers` — ``BonekernCallback``, a ``TrainerCallback`` that accelerates the
   Trainer's model when training begins.
 - :mod:`bonekern.integrations.axolotl` — ``BonekernPlugin``: ``adapter: miss`` for axolotl, run on bonekern.
+- :mod:`bonekern.integrations.deepspeed` — used by ``peft``: MiSS calls on DeepSpeed ZeRO-3 partitioned base layers.
 """

@@ -31,6 +31,8 @@ bonekern cannot read by rows -- bat over bitsandbytes, torchao and hqq bases run
 subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served (bat with
 extra forward arguments, hooks on its base layer, or dtypes/devices that differ from the weight's; x that is not a
 float tensor). Under ``torch.compile`` the per-call warning is skipped (a warning would break the graph).
+DeepSpeed ZeRO-3's own hooks on a base layer are no such reason: :mod:`bonekern.integrations.deepspeed` gathers
+the partitioned base weight for the fused call instead, in forward and again in backward.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ..dispatch import require_available
 from ..functional import adapter_output, bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
+from . import deepspeed as _zero
 from .peft_quant import quantised_forward, quantised_layer_reason
 
 logger = logging.getLogger(__name__)
@@ -168,7 +171,7 @@ def _layer_reason(layer: nn.Module) -> str | None:
     for adapter, block in layer.miss_block.items():
         mini_r = layer.miss_mini_r.get(adapter) if variant == "mini" else None
         try:
-            spec_from_block(variant, shape, tuple(block.shape), mini_r)
+            spec_from_block(variant, shape, _zero.shape_of(block), mini_r)
         except (TypeError, ValueError) as error:
             return f"adapter {adapter!r} does not fit variant {variant!r}: {error}"
         if block.dtype not in FLOAT_DTYPES:
@@ -207,8 +210,9 @@ def _config_fallback(layer: MissLinear) -> str | None:
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    if any(getattr(module, name) for name in _MODULE_HOOKS):
+def _has_hooks(module: nn.Module, zero: bool = False) -> bool:
+    """Hooks on ``module`` (or global ones) that must see its call; with ``zero``, DeepSpeed ZeRO-3's do not."""
+    if any(not (zero and _zero.is_known_hook(h)) for name in _MODULE_HOOKS for h in getattr(module, name).values()):
         return True
     return any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
 
@@ -219,13 +223,16 @@ def _weight_path_reason(layer: BonekernMissLinear, x: Tensor, block: Tensor, arg
     base = layer.base_layer
     if _quantization(layer) is not None or base is not layer.get_base_layer() or not _is_plain_linear(base):
         return "the base layer is not a plain torch.nn.Linear"
-    weight, bias = base.weight, base.bias
+    weight, bias = _zero.base_parameters(base)
     if not isinstance(weight, Tensor) or weight.dtype not in FLOAT_DTYPES:
         return f"the base weight is {getattr(weight, 'dtype', type(weight).__name__)}"
     if args or kwargs:
         return "extra forward arguments for the base layer"
-    if _has_hooks(base):
+    zero = _zero.is_partitioned(weight)
+    if _has_hooks(base, zero):
         return "the base layer has hooks that must see its own call"
+    if zero and (reason := _zero.zero_call_reason(weight, bias, block)) is not None:
+        return reason
     if x.device != weight.device or block.device != weight.device:
         return f"x is on {x.device}, the adapter on {block.device}, the base weight on {weight.device}"
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
@@ -339,8 +346,9 @@ class BonekernMissLinear(MissLinear):
             reason = _weight_path_reason(self, x, block, args, kwargs)
             if reason is not None:
                 return self._fall_back(reason, x, args, kwargs)
-            base = self.base_layer
-            y = bone_linear(x, base.weight, block, base.bias, variant="bat", backend=self._bonekern_backend)
+            weight, bias = _zero.base_parameters(self.base_layer)
+            linear = _zero.zero_linear if _zero.is_partitioned(weight) else bone_linear  # ZeRO-3: gathers W per call
+            y = linear(x, weight, block, bias, variant="bat", backend=self._bonekern_backend)
             return y.to(x.dtype)  # under autocast bone_linear returns the autocast dtype; PEFT returns x's dtype
         ps = {a: _dropout_now(self, a) for a in adapters}
         unknown = [a for a, p in ps.items() if p is None]
@@ -352,12 +360,13 @@ class BonekernMissLinear(MissLinear):
         terms = _bone_terms(self, adapters, ps)
         first = terms[0]
         if first.dropout_p == 0 and _weight_path_reason(self, x, first.block, args, kwargs) is None:
-            base = self.base_layer
-            y = bone_linear(
+            weight, bias = _zero.base_parameters(self.base_layer)
+            linear = _zero.zero_linear if _zero.is_partitioned(weight) else bone_linear  # ZeRO-3: gathers W per call
+            y = linear(
                 x,
-                base.weight,
+                weight,
                 first.block,
-                base.bias,
+                bias,
                 variant="bone" if first.block.shape[1] == self.out_features else "mini",
                 backend=self._bonekern_backend,
             ).to(x.dtype)
