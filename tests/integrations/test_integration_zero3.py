@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.support import assert_close_to_reference
+from bonekern.tolerances import CONVERGENCE
 
 pytest.importorskip("peft", reason="needs the peft package (pip install 'bonekern[peft]')")
 pytest.importorskip("transformers", reason="needs the transformers package (pip install 'bonekern[peft]')")
@@ -43,12 +43,16 @@ def test_zero3_runs_every_call_on_bonekern_with_peft_losses(ranks, variant):
         assert peft["calls"] == 0, where
         if "report" in ours:  # accelerate after deepspeed.initialize: shapes read from ds_shape
             assert f"{LAYERS} of {LAYERS} MiSS layers switched" in ours["report"], ours["report"]
-        assert_close_to_reference(
-            torch.tensor(ours["losses"]), torch.tensor(peft["losses"]), torch.float32, f"{where} losses"
-        )
+        # A training run of worker.STEPS steps: the convergence bounds of the Trainer/SFTTrainer runs apply.
+        tolerance = CONVERGENCE[torch.float32]
+        losses, reference = torch.tensor(ours["losses"]), torch.tensor(peft["losses"])
+        loss_error = ((losses - reference).abs() / reference.abs()).max().item()
+        assert loss_error <= tolerance.loss, f"{where} losses: {loss_error:.2e} > {tolerance.loss:.0e}"
         assert ours["blocks"].keys() == peft["blocks"].keys()
-        for name, block in peft["blocks"].items():
-            assert_close_to_reference(ours["blocks"][name], block, torch.float32, f"{where} {name}")
+        mine = torch.cat([ours["blocks"][name].flatten() for name in sorted(peft["blocks"])])
+        theirs = torch.cat([peft["blocks"][name].flatten() for name in sorted(peft["blocks"])])
+        block_error = ((mine - theirs).norm() / theirs.norm()).item()
+        assert block_error <= tolerance.weights, f"{where} adapters: {block_error:.2e} > {tolerance.weights:.0e}"
         # Nothing of a base weight's shape is kept for backward (PEFT's F.linear keeps the weight itself), and no
         # base weight is left gathered after a forward or a backward.
         assert ours["weight_shaped_saved"] == [], where

@@ -26,8 +26,8 @@ from torch import nn
 
 ROWS = 2  # rows of each step's batch per rank
 SEQ = 7  # M = ROWS * SEQ = 14 tokens per rank: no (M, K) activation has a base weight's shape
-STEPS = 4
-LR = 0.3  # plain SGD (a client optimizer): Adam would amplify rounding-level gradient differences, see docs
+STEPS = 20  # the convergence length of the Trainer/SFTTrainer runs (issue 13: N >= 20 steps)
+LR = 0.1  # plain SGD (a client optimizer): Adam would amplify rounding-level gradient differences, see docs
 VARIANTS = ("bone", "bat", "mini")
 ACCELERATE_BEFORE = {"bone": False, "bat": True, "mini": False}
 """accelerate() before deepspeed.initialize (bat) or after it on the engine's module (bone, mini)."""
