@@ -37,19 +37,45 @@ EXIT_CODES_HELP = (
 MAX_JSON_BYTES = 256 << 20
 """Larger files are refused rather than read (a tuning cache or bench result is a few MiB at most)."""
 
+MAX_COUNT = 2**31 - 1
+"""The largest count or size (tokens, r, repeats, a shape's N or K) an argument may give: far above any real layer
+or token count, it turns a typo (extra digits) into a one-line error instead of a failure deep inside torch."""
+
+MAX_ERROR_CHARS = 300
+"""An unexpected error is reported as its first line, cut to this many characters (torch's C++ errors carry a
+whole native backtrace in their message)."""
+
 
 def _fail(expected: str, text: str) -> NoReturn:
     raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
 
 
 def positive_int(text: str) -> int:
-    """An integer >= 1 (written in decimal)."""
-    try:
-        value = int(text, 10)
-    except (TypeError, ValueError):
+    """An integer in [1, :data:`MAX_COUNT`], written in ASCII decimal digits."""
+    stripped = text.strip() if isinstance(text, str) else ""
+    if not (stripped.isascii() and stripped.isdigit()) or int(stripped, 10) < 1:
         _fail("a positive integer", text)
-    if value < 1:
-        _fail("a positive integer", text)
+    value = int(stripped, 10)
+    if value > MAX_COUNT:
+        _fail(f"a positive integer <= {MAX_COUNT}", text)
+    return value
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def up_to_cpus(text: str) -> int:
+    """A thread or worker-process count in [1, :func:`usable_cpus`]: more than the CPUs only measures (or waits
+    on) oversubscription; torch crashes at exit when asked for 100000 threads, and a pool of 100000 processes
+    never finishes starting."""
+    value = positive_int(text)
+    cpus = usable_cpus()
+    if value > cpus:
+        _fail(f"a positive integer <= {cpus} (the CPUs this process may use)", text)
     return value
 
 
@@ -133,6 +159,8 @@ def parse_json_text(text: str, where: str) -> Any:
         raise ValueError(f"{where}: it is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise ValueError(f"{where}: its JSON is nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise ValueError(f"{where}: it is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
 
 
 def json_file(text: str) -> Path:
@@ -217,5 +245,12 @@ def run_guarded(main: Callable[[], int], err: TextIO | None = None, prog: str = 
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as exc:  # the last line of defence: a one-line message, never a traceback
-        err.write(f"{prog}: error: {type(exc).__name__}: {exc}\n")
+        err.write(f"{prog}: error: {first_line(exc)}\n")
         return EXIT_FAILED
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most :data:`MAX_ERROR_CHARS` long."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import argtypes
-from .argtypes import EXIT_CODES_HELP, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE
+from .argtypes import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, first_line
 from .entries import Entry
 from .keys import profile_name
 from .presets import LAYERS, MODELS, SHAPE_HELP, LayerShape, find_model, layer_shapes, parse_shape
@@ -109,7 +109,7 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     if not shapes:
         err.write("error: give --model and/or --shape\n")
         return EXIT_USAGE
-    device = args.device or provider.default_device()
+    device = provider.default_device() if args.device is None else args.device
     problem = provider.device_problem(device)
     if problem:
         err.write(f"error: argument --device: {problem}\n")
@@ -131,6 +131,7 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     total = sum(len(j.space.candidate_list()) for j in jobs)
     progress = Progress(total, err)
     rows = []
+    failures = []
     for job in jobs:
         space = job.space
         candidates = space.candidate_list()
@@ -142,15 +143,22 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
             entry = None if len(candidates) == 1 else hit.entry
             winner = candidates[0].describe() if entry is None else entry.choice.describe()
         else:
-            decision = tuner.tune(
-                space,
-                job.make_runner(),
-                settings,
-                progress=lambda i, n, c, label=space.label: progress.step(f"{label}: {c.describe()}"),
-                timer=timer,
-            )
+            try:  # building the synthetic inputs may fail too (a shape too large for this device's memory)
+                decision = tuner.tune(
+                    space,
+                    job.make_runner(),
+                    settings,
+                    progress=lambda i, n, c, label=space.label: progress.step(f"{label}: {c.describe()}"),
+                    timer=timer,
+                )
+            except Exception as exc:  # one job failing must not lose the others' results: reported, exit 3
+                failures.append(f"{space.label}: {first_line(exc)}")
+                rows.append([space.label, "failed", "-", "-", "-", "-"])
+                continue
             entry = decision.entry
             status = "tuned" if entry is not None else "all failed"
+            if entry is None:
+                failures.append(f"{space.label}: every candidate failed")
             winner = decision.candidate.describe()
         rows.append(
             [
@@ -165,7 +173,17 @@ def cmd_tune(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     progress.close()
     out.write(format_table(["problem", "status", "winner", "best ms", "default ms", "speed-up"], rows) + "\n")
     out.write(f"cache: {cache.describe()}\n")
-    return EXIT_OK
+    for failure in failures:
+        err.write(f"failed: {failure}\n")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _show_order(entry: Entry) -> tuple:
+    """Sort key of ``show``: numbers in numeric order, and a str never compared with an int (a hand-edited file
+    may hold 4096 in one entry and "4096" in another)."""
+    key = entry.key
+    problem = tuple((name, isinstance(value, str), value) for name, value in key.problem)
+    return (key.device, key.op, problem, key.scope, key.m)
 
 
 def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -180,7 +198,7 @@ def cmd_show(provider: Provider, args: argparse.Namespace, out: TextIO, err: Tex
     else:
         cache = provider.tuner().cache()
         table, where = cache.table(), cache.describe()
-    entries = sorted(table.entries(), key=lambda e: (e.key.device, e.key.op, e.key.problem, e.key.scope, e.key.m))
+    entries = sorted(table.entries(), key=_show_order)
     fields: list[str] = []
     for e in entries:
         fields += [name for name, _ in e.key.problem if name not in fields]
@@ -240,7 +258,11 @@ def cmd_export(provider: Provider, args: argparse.Namespace, out: TextIO, err: T
         merged = existing.merged(fresh)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         text = dump_table(merged, "profile", device=device, created=created, generated_by="python -m autotune export")
-        atomic_write_text(path, text)
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:  # e.g. a directory where the profile goes
+            err.write(f"error: argument --out-dir: cannot write {path} ({exc.strerror or exc})\n")
+            return EXIT_USAGE
         out.write(f"wrote {path}: {len(merged)} entries ({len(fresh)} from {provider.tuner().cache().describe()})\n")
         written += 1
     return EXIT_OK if written else EXIT_REGRESSION

@@ -58,14 +58,18 @@ class Timing:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Timing:
         ms = data.get("ms")
-        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms)):
-            raise TypeError(f"ms must be a finite number; got {ms!r}")
+        if ms is not None and (
+            isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms < 0
+        ):
+            raise TypeError(f"ms must be a finite number >= 0; got {ms!r}")
         samples = data.get("samples", 0)
         error = data.get("error")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise TypeError(f"samples must be an int >= 0; got {samples!r}")
         if error is not None and not isinstance(error, str):
             raise TypeError(f"error must be a string; got {error!r}")
+        if (ms is None) == (error is None):  # to_json writes exactly one of them
+            raise TypeError(f"a timing has either ms or error; got ms={ms!r}, error={error!r}")
         return Timing(Candidate.from_json(data), ms, samples, error)
 
 

@@ -191,6 +191,9 @@ class TuningKey:
         versions = data["versions"]
         if not isinstance(problem, dict) or not isinstance(versions, dict):
             raise TypeError("problem and versions must be JSON objects")
+        for name, value in problem.items():
+            if not isinstance(value, (str, int)):  # bool is an int
+                raise TypeError(f"problem field {name!r} must be a str, int or bool; got {type(value).__name__}")
         m = data["m"]
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be a positive int; got {m!r}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .argtypes import MAX_COUNT
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -96,10 +98,12 @@ SHAPE_HELP = "NxK = out_features x in_features, the order of nn.Linear.weight.sh
 
 def parse_shape(text: str) -> tuple[int, int]:
     """(N, K) from ``NxK`` or ``N,K`` (out_features x in_features); ValueError naming ``--shape`` otherwise."""
-    parts = text.strip().lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    parts = [p.strip() for p in text.strip().lower().replace(",", "x").split("x")]
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"--shape takes {SHAPE_HELP}; got {text!r}")
     n, k = (int(p) for p in parts)
+    if max(n, k) > MAX_COUNT:
+        raise ValueError(f"--shape takes N and K of at most {MAX_COUNT} each; got {text!r}")
     return n, k
 
 

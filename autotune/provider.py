@@ -83,6 +83,12 @@ def load_provider(name: str | None = None) -> Provider:
         if point.name == name:
             return point.load()()
     module_name = FALLBACK_MODULES.get(name, name)
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        registered = sorted(p.name for p in points)
+        raise ValueError(
+            f"--provider must be an entry point in group {ENTRY_POINT_GROUP!r} (registered: {registered}) or a "
+            f"dotted module name; got {name!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -10,6 +10,9 @@ processes and ranks never corrupt it nor lose each other's entries. Readers take
 whole file. A file that is empty, truncated, not JSON or of another schema is ignored with one warning and
 replaced on the next write; a directory that cannot be created or written makes the cache memory-only for the
 process, with one warning.
+
+:class:`CacheFile` holds tuned entries by default; given another :class:`Codec` it keeps any other table of
+records with the same guarantees (bonekern's kernel verdicts, ``bonekern/verify.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -114,38 +118,45 @@ class Table:
         return Hit(by_bucket[nearest_bucket(key.m, by_bucket)], exact=False)
 
 
-def parse_table(text: str | bytes) -> tuple[Table, str | None]:
-    """Parse a cache or profile file. Returns the table and, when something was wrong, what (else None).
+def parse_records(text: str | bytes, schema: str, record: Callable[[Any], Any]) -> tuple[list[Any], str | None]:
+    """The records of a document ``{"schema": schema, "entries": [...]}``, each built by ``record(item)``, and,
+    when something was wrong, what (else None).
 
-    Never raises: an empty, truncated, non-UTF-8, non-JSON, too deeply nested or foreign-schema file gives an
-    empty table; malformed entries in an otherwise good file (wrong types, numbers out of range) are skipped
-    and counted.
+    Never raises: an empty, truncated, non-UTF-8, non-JSON, too deeply nested or foreign-schema file gives no
+    records; malformed items in an otherwise good file (``record`` raises anything) are skipped and counted.
     """
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Table(), f"it is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            return [], f"it is not UTF-8 text ({exc.reason} at byte {exc.start})"
     if not text.strip():
-        return Table(), "the file is empty"
+        return [], "the file is empty"
     try:
         data = parse_json_text(text, "file")
     except ValueError as exc:
-        return Table(), str(exc).removeprefix("file: ")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        return [], str(exc).removeprefix("file: ")
+    if not isinstance(data, dict) or data.get("schema") != schema:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        return Table(), f"its schema is {_short(found)}, not {SCHEMA!r}"
+        return [], f"its schema is {_short(found)}, not {schema!r}"
     raw = data.get("entries")
     if not isinstance(raw, list):
-        return Table(), "its 'entries' is not a list"
-    table = Table()
+        return [], "its 'entries' is not a list"
+    records = []
     bad = 0
     for item in raw:
         try:
-            table.add(Entry.from_json(item))
+            records.append(record(item))
         except Exception:  # any malformed entry (KeyError, TypeError, OverflowError from 1e999, ...) is skipped
             bad += 1
-    return table, (f"{bad} malformed entries were skipped" if bad else None)
+    return records, (f"{bad} malformed entries were skipped" if bad else None)
+
+
+def parse_table(text: str | bytes) -> tuple[Table, str | None]:
+    """Parse a cache or profile file (:func:`parse_records` of :class:`Entry` records): the table and, when
+    something was wrong, what (else None). Never raises."""
+    entries, problem = parse_records(text, SCHEMA, Entry.from_json)
+    return Table(entries), problem
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -153,24 +164,27 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_table_file(path: Path) -> tuple[Table, str | None]:
-    """Read a cache or profile file at ``path`` without ever blocking or raising.
+def read_table_file(
+    path: Path, parse: Callable[[bytes], tuple[Any, str | None]] = parse_table
+) -> tuple[Any, str | None]:
+    """Read a cache or profile file at ``path`` without ever blocking or raising; ``parse`` turns its bytes into
+    a table (default: :func:`parse_table`) and is called with ``b""`` for a file that is missing or unreadable.
 
     A missing file is an empty table with no problem; a FIFO, device or directory is skipped without being
     opened; anything unreadable or malformed gives an empty table (or the good entries) and what was wrong.
     """
     problem = regular_file_problem(path)
     if problem == "it does not exist":
-        return Table(), None
+        return parse(b"")[0], None
     if problem:
-        return Table(), problem
+        return parse(b"")[0], problem
     try:
         raw = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
-        return Table(), None
+        return parse(b"")[0], None
     except OSError as exc:
-        return Table(), f"it cannot be read ({exc.strerror or exc})"
-    return parse_table(raw)
+        return parse(b"")[0], f"it cannot be read ({exc.strerror or exc})"
+    return parse(raw)
 
 
 def dump_table(table: Table, kind: str, **meta: Any) -> str:
@@ -197,22 +211,46 @@ def read_table(source: Readable, what: str, warn: Callable[[str], None]) -> Tabl
 
 
 NEW_FILE_MODE = 0o644
-"""Permissions of a file the store creates, or rewrites when the old one was not readable and writable by its
-owner (a cache with mode 000 is not worth preserving)."""
+"""Permissions, before the umask, of a file the store creates, or rewrites when the old one was not readable and
+writable by its owner (a cache with mode 000 is not worth preserving)."""
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else by setting
+    and restoring it under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """:data:`NEW_FILE_MODE` under the umask: what ``open()`` would give a new file (0o644 with umask 022, 0o600
+    with 077), so a rewritten cache is never more readable than the user asked new files to be."""
+    return NEW_FILE_MODE & ~current_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one.
 
     The file keeps its permissions when it exists and its owner may read and write it; otherwise (a new file,
-    or one whose mode was broken, e.g. 000) it gets :data:`NEW_FILE_MODE`.
+    or one whose mode was broken, e.g. 000) it gets :func:`new_file_mode`.
     """
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        mode = NEW_FILE_MODE
+        mode = new_file_mode()
     if mode & 0o600 != 0o600:
-        mode = NEW_FILE_MODE
+        mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, mode)
@@ -227,16 +265,44 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+class Records(Protocol):
+    """What :class:`CacheFile` keeps: a table of records with an identity each (:class:`Table` is one)."""
+
+    def merged(self, newer: Iterable[Any]) -> Records: ...
+
+    def without(self, drop: Callable[[Any], bool]) -> Records: ...
+
+    def entries(self) -> list[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a :class:`CacheFile` reads and writes its table: ``parse(bytes) -> (table, problem or None)`` (never
+    raising; ``b""`` gives the empty table), ``dump(table) -> text``, and ``what`` it holds, for warnings."""
+
+    parse: Callable[[bytes], tuple[Any, str | None]]
+    dump: Callable[[Any], str]
+    what: str
+
+
+TUNED_ENTRIES = Codec(parse_table, lambda table: dump_table(table, "cache"), "autotune cache")
+"""The codec of the tuner's user cache (:class:`Table` of :class:`Entry`)."""
+
+
 class CacheFile:
     """The user cache: a :class:`Table` backed by one JSON file, merged on every write.
 
     ``path`` None means memory-only from the start (``why_memory`` says why, warned once on first use).
+    ``codec`` makes it hold another kind of table (default: tuned entries, :data:`TUNED_ENTRIES`).
     """
 
-    def __init__(self, path: Path | None, why_memory: str | None = None):
+    def __init__(self, path: Path | None, why_memory: str | None = None, codec: Codec = TUNED_ENTRIES):
         self.path = path
+        self.codec = codec
         self._memory_reason = why_memory if path is None else None
-        self._table: Table | None = None
+        self._table: Any = None
         self._warned: set[str] = set()
 
     # -- reporting ---------------------------------------------------------------------------------------
@@ -256,28 +322,28 @@ class CacheFile:
 
     def _fall_back_to_memory(self, reason: str) -> None:
         self._memory_reason = reason
-        self._warn_once("memory", f"autotune cache: {reason}; tuned results are kept in memory for this process only")
+        self._warn_once("memory", f"{self.codec.what}: {reason}; results are kept in memory for this process only")
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def _read_disk(self) -> Table:
+    def _read_disk(self) -> Any:
         assert self.path is not None
-        table, problem = read_table_file(self.path)
+        table, problem = read_table_file(self.path, self.codec.parse)
         if problem:
-            self._warn_once("corrupt", f"autotune cache {self.path}: {problem}; ignoring it, it will be rewritten")
+            self._warn_once("corrupt", f"{self.codec.what} {self.path}: {problem}; ignoring it, it will be rewritten")
         return table
 
-    def table(self) -> Table:
+    def table(self) -> Any:
         """The entries: read from disk on first use, then kept (and refreshed on each write)."""
         if self._table is None:
             if self._memory_reason is not None and self.path is None:
-                self._warn_once("memory", f"autotune cache: {self._memory_reason}; tuned results are kept in memory")
-            self._table = Table() if self.path is None else self._read_disk()
+                self._warn_once("memory", f"{self.codec.what}: {self._memory_reason}; results are kept in memory")
+            self._table = self.codec.parse(b"")[0] if self.path is None else self._read_disk()
         return self._table
 
     # -- writing ------------------------------------------------------------------------------------------
 
-    def _locked_update(self, update: Callable[[Table], Table]) -> Table | None:
+    def _locked_update(self, update: Callable[[Any], Any]) -> Any:
         """Under the lock: read the file, apply ``update``, write it atomically. None if the file is unusable."""
         if self.memory_only or self.path is None:
             return None
@@ -298,7 +364,7 @@ class CacheFile:
                 return None
             with FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
                 table = update(self._read_disk())
-                atomic_write_text(self.path, dump_table(table, "cache"))
+                atomic_write_text(self.path, self.codec.dump(table))
             return table
         except Timeout:
             self._fall_back_to_memory(f"another process held {lock_path} for over {LOCK_TIMEOUT_S:.0f} s")
@@ -316,7 +382,7 @@ class CacheFile:
         """Delete the entries for which ``drop`` is true (on disk and in memory); returns how many went."""
         removed = 0
 
-        def update(table: Table) -> Table:
+        def update(table: Any) -> Any:
             nonlocal removed
             kept = table.without(drop)
             removed = len(table) - len(kept)

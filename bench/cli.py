@@ -8,6 +8,7 @@ implementation failed or its outputs did not match PEFT's (its numbers mean noth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -25,13 +26,15 @@ from autotune.argtypes import (
     output_file,
     positive_float,
     positive_int,
+    up_to_cpus,
 )
 from autotune.presets import SHAPE_HELP
+from bonekern.tuning import TUNER
 from bonekern.variants import VARIANTS, make_spec
 
 from . import compare as compare_mod
 from . import report
-from .impls import DEFAULT_IMPLS, IMPL_NAMES
+from .impls import DEFAULT_IMPLS, IMPL_NAMES, not_run_reason
 from .runner import Settings, run_case
 from .suites import SUITES, Case, parse_shape
 from .timing import Timer
@@ -104,8 +107,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, help="M, rows of x (default: the suite's, per device)")
     p.add_argument("--r", type=positive_int, help="block size r (default 64)")
     p.add_argument("--mini-r", type=positive_int, help="mini's block columns (default r)")
+    p.add_argument(
+        "--dropout",
+        type=_dropout_p,
+        help="miss_dropout while training, in [0, 1), bone/mini only (default: the suite's, else 0)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the suite's, else CUDA if present")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=up_to_cpus, help="torch CPU threads, at most the CPUs usable here (default: torch's choice)"
+    )
     p.add_argument(
         "--budget", type=positive_float, default=0.5, help="seconds of timed calls per measurement (default 0.5)"
     )
@@ -135,6 +145,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dropout_p(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text!r}")
+    return value
+
+
 def _device(args: argparse.Namespace, suite_device: str | None) -> torch.device:
     name = args.device or suite_device or "auto"
     if name == "auto":
@@ -153,10 +170,14 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
     tokens = args.tokens or suite.tokens.get(device.type, suite.tokens["cpu"])
     r = args.r or suite.r
     mini_r = args.mini_r or r
+    dropout = suite.dropout if args.dropout is None else args.dropout
     cases, skipped = [], []
-    for shape in shapes:
+    for shape, quant in [(shape, quant) for shape in shapes for quant in suite.quant or (None,)]:
         for v in variants:
-            case = Case(shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device)
+            case = Case(
+                shape, v, r, mini_r if v == "mini" else None, tokens, dtype, device, dropout if v != "bat" else 0.0
+            )
+            case = dataclasses.replace(case, quant=quant) if quant else case
             try:
                 make_spec(v, shape.n, shape.k, r, case.mini_r)
             except ValueError as exc:
@@ -170,6 +191,7 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> tuple[list[Ca
         "tokens": tokens,
         "r": r,
         "mini_r": mini_r,
+        "dropout": dropout,
         "variants": list(variants),
         "impls": impls,
         "budget_s": args.budget,
@@ -195,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(list_suites()))
         return EXIT_OK
+    # fail before measuring, not after
+    named = (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot))
+    outputs = [(name, path) for name, path in named if path]
+    for i, (name, path) in enumerate(outputs):
+        for other, other_path in outputs[:i]:
+            if path.resolve() == other_path.resolve():
+                p.error(f"argument {name}: expected a file other than {other}'s; both name {str(path)!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # The tuner reads BONEKERN_AUTOTUNE on every decision; by default the bench never times candidates itself.
@@ -202,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BONEKERN_AUTOTUNE"] = {"lookup": "lookup", "on": "1", "off": "0"}[args.autotune]
     else:
         os.environ.setdefault("BONEKERN_AUTOTUNE", "lookup")
-    # fail before measuring, not after
+    try:
+        TUNER.settings()  # an unknown BONEKERN_AUTOTUNE value would otherwise fail every measurement
+    except ValueError as e:
+        p.error(str(e))
     baseline = None
     if args.compare:
         try:
@@ -219,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {line}", file=sys.stderr)
     if not cases:
         p.error("nothing valid to measure: every case was skipped (see above)")
+    reasons = {impl: not_run_reason(impl, device) for impl in impls}
+    if all(reasons.values()):
+        for impl, reason in reasons.items():
+            print(f"not run: {impl}: {reason}", file=sys.stderr)
+        p.error(f"nothing valid to measure: no implementation in --impls can run on {device.type} (see above)")
     env = report.environment(device)
     print("\n".join(report.header_lines(env, settings)), flush=True)
 

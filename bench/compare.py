@@ -49,6 +49,25 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:.3f} ms" if unit == "ms" else f"{v / (1 << 20):.2f} MiB"
 
 
+def _is_metric(value: object) -> bool:
+    """A finite number >= 0 that survives float arithmetic (an int of 400 digits does not: OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(as_float) and as_float >= 0
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A bounded description of a bad value (the repr of an int past 4300 digits raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read and check a ``--json`` result; ValueError with one line saying what is wrong with it.
 
@@ -71,8 +90,8 @@ def load(path: str | Path) -> dict[str, Any]:
             value = record.get(field)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{where}: {field!r} must be a finite number >= 0 or null; got {value!r}")
+            if not _is_metric(value):
+                raise ValueError(f"{where}: {field!r} must be a finite number >= 0 or null; got {_short(value)}")
     return data
 
 

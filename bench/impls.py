@@ -6,9 +6,16 @@
   (:func:`lora_rank_for`);
 - ``linear``: the frozen base layer alone, ``F.linear(x, W, b)``: the floor every adapter adds to.
 
+A case with a quantised base (``case.quant``, the ``quant`` suite) builds one bitsandbytes layer from the case's
+weight (:func:`quantised_base`); bonekern runs :func:`bonekern.bat_linear_quantized` over it, PEFT its MiSS
+layer over the same layer.
+
 All share one weight and bias tensor (PEFT wraps the same ``nn.Linear``); the adapters start from the same block
-values, so bonekern's outputs and gradients can be checked against PEFT's. x requires grad (a layer inside a
-network), W and the bias are frozen; backward computes dx and the adapter's gradients.
+values, so bonekern's outputs and gradients can be checked against PEFT's. With dropout (``case.dropout > 0``,
+bone/mini) bonekern runs what ``accelerate`` runs for such a layer, the base layer plus
+``bonekern.adapter_output`` (its mask regenerated in backward), PEFT its ``nn.Dropout``; their masks differ, so
+those cases are not output-checked (tests/integrations check them with PEFT given bonekern's masks). x requires
+grad (a layer inside a network), W and the bias are frozen; backward computes dx and the adapter's gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import bonekern
 from bonekern.backends import BACKEND_NAMES, unavailable_reason
 from bonekern.variants import AdapterSpec
 
-from .suites import Case
+from .suites import QUANT_BASES, Case
 
 BONEKERN_IMPLS: tuple[str, ...] = (*BACKEND_NAMES, "auto")
 """bonekern's backends by name, plus "auto" (what ``backend="auto"`` picks)."""
@@ -156,31 +163,107 @@ class Impl:
     keepalive: list[object] = field(default_factory=list)
 
 
-def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
-    """Build ``impl`` for ``case`` over the shared tensors ``t``."""
-    frozen = [t.weight] + ([t.bias] if t.bias is not None else [])
+def quantised_base(quant: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A bitsandbytes base layer holding ``weight`` (N, K) and ``bias`` quantised as :data:`QUANT_BASES` names."""
+    import bitsandbytes as bnb
+
+    n, k = weight.shape
+    if quant == "nf4":
+        layer = bnb.nn.Linear4bit(k, n, bias=bias is not None, compute_dtype=weight.dtype, quant_type="nf4")
+    elif quant == "int8":
+        layer = bnb.nn.Linear8bitLt(k, n, bias=bias is not None, has_fp16_weights=False)
+    else:
+        raise ValueError(f"quant must be one of {tuple(QUANT_BASES)}; got {quant!r}")
+    state = {"weight": weight.detach().cpu()} | ({} if bias is None else {"bias": bias.detach().cpu()})
+    layer.load_state_dict(state)
+    return layer.to(weight.device)  # quantises
+
+
+def _build_quantised(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
+    """bat over a quantised base: bonekern's sourced op (any bonekern impl name) or PEFT's MiSS layer."""
+    base = quantised_base(case.quant, t.weight, t.bias)
+    frozen = [p for p in base.parameters()]
     if impl in BONEKERN_IMPLS:
         block = t.block_init.clone().requires_grad_()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return bonekern.bone_linear(
-                x, t.weight, block, t.bias, variant=spec.variant, mini_r=spec.mini_r, backend=impl
-            )
+            return bonekern.bat_linear_quantized(x, base, block, base.bias)
 
-        return Impl(impl, impl, forward, [block], [*frozen, block], spec.variant, block.numel(), checkable=True)
+        return Impl(impl, f"{impl} sourced", forward, [block], [*frozen, block], "bat", block.numel(), True, [base])
+    if impl != "peft":
+        raise ValueError(f"a quantised-base case runs bonekern impls and 'peft'; got {impl!r}")
+    import peft
+
+    config = peft.MissConfig(r=spec.r, init_weights="bat", target_modules=["0"])
+    model = peft.get_peft_model(nn.Sequential(base), config)
+    layer = model.base_model.model[0]
+    block = layer.miss_block["default"]
+    with torch.no_grad():
+        block.copy_(t.block_init)
+    return Impl(impl, impl, layer, [block], [*frozen, block], "bat", block.numel(), True, [model])
+
+
+def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
+    """Build ``impl`` for ``case`` over the shared tensors ``t``."""
+    if case.quant is not None:
+        return _build_quantised(impl, case, spec, t)
+    frozen = [t.weight] + ([t.bias] if t.bias is not None else [])
+    if impl in BONEKERN_IMPLS:
+        block = t.block_init.clone().requires_grad_()
+
+        if case.dropout:
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                term = bonekern.adapter_output(
+                    x,
+                    block,
+                    variant=spec.variant,
+                    out_features=spec.out_features,
+                    mini_r=spec.mini_r,
+                    dropout_p=case.dropout,
+                    backend=impl,
+                )
+                return F.linear(x, t.weight, t.bias) + term
+
+        else:
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return bonekern.bone_linear(
+                    x, t.weight, block, t.bias, variant=spec.variant, mini_r=spec.mini_r, backend=impl
+                )
+
+        checkable = not case.dropout
+        return Impl(impl, impl, forward, [block], [*frozen, block], spec.variant, block.numel(), checkable=checkable)
     if impl == "linear":
         return Impl(impl, impl, lambda x: F.linear(x, t.weight, t.bias), [], frozen, "linear", 0)
     import peft
 
     if impl == "peft":
         init = {"bone": True, "bat": "bat", "mini": "mini"}[spec.variant]
-        config = peft.MissConfig(r=spec.r, init_weights=init, mini_r=spec.mini_r or spec.r, target_modules=["0"])
+        config = peft.MissConfig(
+            r=spec.r,
+            init_weights=init,
+            mini_r=spec.mini_r or spec.r,
+            miss_dropout=case.dropout,
+            target_modules=["0"],
+        )
         model = peft.get_peft_model(nn.Sequential(t.base_linear()), config)
         layer = model.base_model.model[0]
         block = layer.miss_block["default"]
         with torch.no_grad():
             block.copy_(t.block_init)
-        return Impl(impl, impl, layer, [block], [*frozen, block], spec.variant, block.numel(), True, [model])
+        checkable = not case.dropout
+        return Impl(
+            impl,
+            impl,
+            layer,
+            [block],
+            [*frozen, block],
+            spec.variant,
+            block.numel(),
+            checkable=checkable,
+            keepalive=[model],  # by keyword: the positional slot after trainable_params is lora_rank
+        )
     if impl == "lora":
         q = lora_rank_for(spec)
         config = peft.LoraConfig(r=q, lora_alpha=q, lora_dropout=0.0, target_modules=["0"])

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from autotune.argtypes import positive_int, run_guarded
+from autotune.argtypes import positive_int, run_guarded, up_to_cpus
 from bonekern.variants import make_spec
 
 
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=positive_int, default=16)
     parser.add_argument("--rounds", type=positive_int, default=200)
     parser.add_argument("--calls", type=positive_int, default=20, help="calls per timed sample")
-    parser.add_argument(
-        "--threads", type=positive_int, default=1, help="torch threads (default 1: the cost on one core)"
-    )
+    parser.add_argument("--threads", type=up_to_cpus, default=1, help="torch threads (default 1: the cost on one core)")
     args = parser.parse_args(argv)
     try:
         m, n, k = (positive_int(v) for v in args.shape.lower().split("x"))

@@ -150,6 +150,8 @@ def _row(cells: list[str], widths: list[int]) -> str:
 def case_title(r: dict[str, Any]) -> str:
     bias = " + bias" if r["bias"] else ""
     variant = r["variant"] + (f" (mini_r {r['mini_r']})" if r["mini_r"] else "")
+    if r.get("dropout"):
+        variant += f", dropout {r['dropout']:g}"
     return (
         f"{r['model']} {r['layers']}: x ({r['tokens']}, {r['in_features']}), W ({r['out_features']}, "
         f"{r['in_features']}){bias} | {variant}, r = {r['r']} | {r['dtype']} | {r['device']}"

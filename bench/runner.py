@@ -55,8 +55,10 @@ def _case_fields(case: Case) -> dict[str, Any]:
         "variant": case.variant,
         "r": case.r,
         "mini_r": case.mini_r if case.variant == "mini" else None,
+        "dropout": case.dropout,
         "dtype": str(case.dtype).removeprefix("torch."),
         "device": str(case.device),
+        "quant": case.quant,
     }
 
 

@@ -51,6 +51,16 @@ class Suite:
     r: int = 64
     variants: tuple[str, ...] | None = None
     impls: tuple[str, ...] | None = None
+    dropout: float = 0.0
+    quant: tuple[str, ...] = ()
+    """Quantised bases (:data:`QUANT_BASES`) every case is run over; empty: the plain float base."""
+
+
+QUANT_BASES: dict[str, str] = {
+    "nf4": "bitsandbytes Linear4bit, nf4, blocksize 64, double-quantised absmax (compress_statistics)",
+    "int8": "bitsandbytes Linear8bitLt, int8 rows with a row scale (has_fp16_weights=False)",
+}
+"""The quantised base layers the bench builds (:func:`bench.impls.quantised_base`), by the name a case carries."""
 
 
 def _model_suite(model: str) -> Suite:
@@ -77,6 +87,32 @@ SUITES: dict[str, Suite] = {
     "llama2-7b": _model_suite("llama2-7b"),
     "llama3-8b": _model_suite("llama3-8b"),
     "qwen2.5-7b": _model_suite("qwen2.5-7b"),
+    "dropout": Suite(
+        "dropout",
+        "bone and mini with miss_dropout = 0.1 while training, CPU fp32, TinyLlama-1.1B q_proj/o_proj and "
+        "gate_proj/up_proj, 512 tokens: bonekern (base layer + adapter_output, the mask regenerated in backward) vs "
+        "PEFT (nn.Dropout, the mask kept) vs the frozen linear layer",
+        (_TINY["q_proj"], _TINY["gate_proj"]),
+        tokens={"cpu": 512, "cuda": 8192},
+        device="cpu",
+        dtype=torch.float32,
+        variants=("bone", "mini"),
+        impls=("torch", "peft", "linear"),
+        dropout=0.1,
+    ),
+    "quant": Suite(
+        "quant",
+        "bat over quantised bases (bitsandbytes nf4 and int8): bonekern's sourced op (W' formed a chunk of rows "
+        "at a time from the packed weight) vs PEFT (dequantises W whole); TinyLlama-1.1B q_proj/o_proj 2048x2048 "
+        "and gate_proj/up_proj 5632x2048, 512 tokens, CPU fp32",
+        (_TINY["q_proj"], _TINY["gate_proj"]),
+        tokens={"cpu": 512, "cuda": 8192},
+        device="cpu",
+        dtype=torch.float32,
+        variants=("bat",),
+        impls=("torch", "peft"),
+        quant=tuple(QUANT_BASES),
+    ),
     "acceptance": Suite(
         "acceptance",
         "the foundation's acceptance problem (docs/measurements.md): CPU, fp32, x 2048x4096, W 4096x4096, r=64, "
@@ -102,7 +138,8 @@ def parse_shape(text: str) -> LayerShape:
 
 @dataclass(frozen=True)
 class Case:
-    """One measured problem: a layer shape, a variant, the block size, tokens, dtype and device."""
+    """One measured problem: a layer shape, a variant, the block size, tokens, dtype, device, and the adapter's
+    dropout probability while training (bone/mini; 0 = none)."""
 
     shape: LayerShape
     variant: str
@@ -111,10 +148,15 @@ class Case:
     tokens: int
     dtype: torch.dtype
     device: torch.device
+    dropout: float = 0.0
+    quant: str | None = None
+    """A :data:`QUANT_BASES` name: the base layer is quantised so (None: a plain float base)."""
 
     @property
     def case_id(self) -> str:
-        """A stable key for baselines: shape, variant, r, dtype and tokens (not the device)."""
+        """A stable key for baselines: shape, variant, r, dtype, tokens and quantised base (not the device)."""
         mini = f"/mini_r{self.mini_r}" if self.variant == "mini" else ""
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}/{dtype}/M{self.tokens}"
+        drop = f"/dropout{self.dropout:g}" if self.dropout else ""
+        quant = f"/{self.quant}" if self.quant else ""
+        return f"{self.shape.name}/{self.variant}/r{self.r}{mini}{drop}/{dtype}/M{self.tokens}{quant}"

@@ -111,7 +111,7 @@ class BonekernProvider:
     ) -> tuple[list[Job], list[str]]:
         dev = torch.device(device)
         try:
-            candidates_for(args.backend, dev)  # the named backend can run here at all (else exit 2, not a traceback)
+            backends = candidates_for(args.backend, dev)
         except BackendUnavailableError as exc:
             raise ValueError(f"argument --backend: {exc}") from None
         members = scope_members(args.backend, dev.type)
@@ -120,7 +120,7 @@ class BonekernProvider:
         notes: list[str] = []
         for dtype_text in dtypes:
             if dtype_text not in _DTYPES:
-                raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}; got {dtype_text!r}")
+                raise ValueError(f"argument --dtype: expected one of {', '.join(sorted(_DTYPES))}; got {dtype_text!r}")
             dtype = _DTYPES[dtype_text]
             block_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             for variant in args.variant:

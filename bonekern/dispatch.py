@@ -9,6 +9,14 @@ shipped profile, by timing the candidates on the call's real tensors, or -- when
 :meth:`Backend.prepare_config`, and the (backend, prepared config) pair is remembered for the rest of the
 process, so a later call of the same problem costs one dictionary lookup.
 
+Verify before trust (:mod:`bonekern.verify`): before a backend that runs its own kernels (Triton, CuPy) serves
+a problem with a config for the first time, the config is checked once on the device against the torch backend
+on a small problem of the same op, variant and dtypes (the verdict is cached per device, library versions and
+kernel source, in memory and beside the tuning cache). A config that fails to compile or launch, or disagrees,
+is passed over for the next candidate -- the chosen one, then each candidate backend's default in order, then
+the torch backend's default (even when a kernel backend was named: training never stops on a broken kernel)
+-- with one :class:`~bonekern.verify.KernelVerificationWarning`. ``BONEKERN_VERIFY=0`` turns this off.
+
 Direction: dispatch -> :mod:`bonekern.tuning` -> :mod:`autotune`. Nothing below dispatch imports it: tuning is
 given the backends to consider, and a backend whose availability changes at run time (a test registering a
 kernel launcher) says so through :func:`bonekern.backends.availability_changed`, which retires every remembered
@@ -20,11 +28,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import tuning
+from autotune import Candidate
+
+from . import tuning, verify
 from .backends import Backend, OpProblem, availability_generation, check_backend_name, get_backend
 from .errors import BackendUnavailableError
 
@@ -42,6 +53,7 @@ MEMO_ENV: tuple[str, ...] = (
     f"{tuning.ENV_PREFIX}_AUTOTUNE_LOG",
     f"{tuning.ENV_PREFIX}_CACHE_DIR",
     f"{tuning.ENV_PREFIX}_AUTOTUNE_PROFILE",
+    verify.ENV,
     "TRITON_INTERPRET",
     "XDG_CACHE_HOME",
 )
@@ -136,11 +148,97 @@ def select(problem: OpProblem, requested: str, args: Sequence[Any] | None = None
     backends = candidates_for(requested, problem.device, problem.op)
     members = scope_members(requested, problem.device.type)
     candidate = tuning.choose(problem, requested, members, backends, args)
-    backend = get_backend(candidate.backend)
-    prepared = backend.prepare_config(problem, dict(candidate.config))
+    backend, prepared = trusted(problem, candidate, backends, args)
     with _memo_lock:
         if key[-1] > _memo_generation:  # availability changed: the older entries can never be hit again
             _memo.clear()
             _memo_generation = key[-1]
         _memo[key] = (backend, prepared)
     return backend, prepared
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Verify before trust.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def fallback_chain(problem: OpProblem, chosen: Candidate, backends: Sequence[Backend]) -> list[Candidate]:
+    """The candidates tried in turn when verification fails: ``chosen``, each of ``backends``' default for
+    ``problem``, then the torch backend's default; duplicates removed."""
+    torch_backend = get_backend("torch")
+    chain = [chosen, *(Candidate(b.name, b.default_config(problem)) for b in backends)]
+    if torch_backend.unavailable_reason(problem.device) is None and torch_backend.implements(problem.op):
+        chain.append(Candidate(torch_backend.name, torch_backend.default_config(problem)))
+    out: list[Candidate] = []
+    for c in chain:
+        if not any(c.same_as(o) for o in out):
+            out.append(c)
+    return out
+
+
+def _must_verify(backend: Backend, device: torch.device) -> bool:
+    if not backend.verify_before_use or not verify.enabled():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def verify_identity(problem: OpProblem, backend: Backend) -> verify.Identity:
+    """What a verdict for ``backend`` on ``problem``'s device depends on besides the problem and config."""
+    name, capability = tuning.device_identity(problem.device)
+    versions = tuple(sorted(tuning.versions().items()))
+    return verify.Identity(name, capability, versions, tuning.backend_source_hash(backend.name))
+
+
+def verify_directory() -> Path:
+    """Where the verdict file lives: the tuning cache's directory."""
+    return tuning.TUNER.settings().cache_path.parent
+
+
+def verify_config(
+    problem: OpProblem, backend: Backend, config: dict, args: Sequence[Any] | None = None, directory: Path | None = None
+) -> verify.Verdict | None:
+    """The verdict on ``backend`` serving ``problem`` with ``config`` (:func:`bonekern.verify.check`, with this
+    device's identity and the tuner's agreement check); the verdict file in ``directory`` (default: beside the
+    tuning cache). None when the op cannot be verified."""
+    prepared = backend.prepare_config(problem, dict(config))
+    return verify.check(
+        problem, backend, config, prepared, args, verify_identity(problem, backend), tuning.outputs_agree,
+        directory or verify_directory(),
+    )  # fmt: skip
+
+
+def trusted(
+    problem: OpProblem, chosen: Candidate, backends: Sequence[Backend], args: Sequence[Any] | None
+) -> tuple[Backend, Any]:
+    """The first candidate of :func:`fallback_chain` whose verdict is good (or that needs none), prepared.
+
+    Each failed candidate gets one warning per process naming the kernel, config, error and what serves
+    instead. If every candidate of the chain fails, the torch backend's default serves anyway.
+    """
+    failed: list[tuple[Candidate, verify.Verdict]] = []
+    chain = fallback_chain(problem, chosen, backends)
+    choice: tuple[Backend, Any] | None = None
+    served = chain[-1]
+    for candidate in chain:
+        backend = get_backend(candidate.backend)
+        prepared = backend.prepare_config(problem, dict(candidate.config))
+        if not _must_verify(backend, problem.device):
+            choice, served = (backend, prepared), candidate
+            break
+        verdict = verify.check(
+            problem, backend, candidate.config, prepared, args, verify_identity(problem, backend), tuning.outputs_agree,
+            verify_directory(),
+        )  # fmt: skip
+        if verdict is None or verdict.ok:
+            choice, served = (backend, prepared), candidate
+            break
+        failed.append((candidate, verdict))
+    if choice is None:  # nothing passed: the last resort serves unverified
+        backend = get_backend(served.backend)
+        choice = (backend, backend.prepare_config(problem, dict(served.config)))
+    for candidate, verdict in failed:
+        verify.warn_once(
+            verdict, problem, f"{candidate.backend} kernel config {candidate.describe()!r}",
+            f"{served.describe()!r}", verify_directory(),
+        )  # fmt: skip
+    return choice

@@ -9,8 +9,11 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name
 from .functional import bone_linear, merge, unmerge
-from .validation import check_dtype
+from .validation import FLOAT_DTYPES, check_device, check_dtype
 from .variants import AdapterSpec, make_spec
+
+MAX_NUMEL = 2**63 - 1
+"""The most elements a torch tensor can have (its sizes are int64); a larger weight fails inside torch."""
 
 
 class BoneLinear(nn.Module):
@@ -43,8 +46,14 @@ class BoneLinear(nn.Module):
         self.backend = check_backend_name(backend)
         check_dtype("block_dtype", block_dtype)
         check_dtype("dtype", dtype, optional=True)
+        device = check_device("device", device)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool (whether the layer has one); got {type(bias).__name__}")
+        if out_features * in_features > MAX_NUMEL:
+            raise ValueError(
+                f"in_features * out_features must be at most {MAX_NUMEL} (what a tensor can hold); "
+                f"got {in_features} * {out_features}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
@@ -139,11 +148,40 @@ class BoneLinear(nn.Module):
         ]
         return ", ".join(parts)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        """Check the tensors before torch copies them: a non-float tensor would be cast silently (complex with a
+        warning), a block of another variant's shape would be reported only as a generic size mismatch. A
+        mismatched extra state (another variant or r) is reported first: it says more than the shapes."""
+        extra = prefix + "_extra_state"
+        if extra in state_dict:
+            self._merged_from_extra_state(state_dict[extra])
+        for name in ("weight", "bias", "block"):
+            value = state_dict.get(prefix + name)
+            if value is None or not isinstance(value, Tensor):
+                continue
+            if value.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"state_dict[{prefix + name!r}] must have a floating dtype (float16, bfloat16, float32 or "
+                    f"float64); got {value.dtype}"
+                )
+        block = state_dict.get(prefix + "block")
+        if isinstance(block, Tensor) and tuple(block.shape) != self.spec.block_shape:
+            s = self.spec
+            raise ValueError(
+                f"state_dict[{prefix + 'block'!r}] must have shape {s.block_shape} for variant {s.variant!r} with "
+                f"r = {s.r} on a {s.out_features}x{s.in_features} weight; got {tuple(block.shape)}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+
     def get_extra_state(self) -> dict[str, Any]:
         s = self.spec
         return {"variant": s.variant, "r": s.r, "mini_r": s.mini_r, "merged": self.merged}
 
     def set_extra_state(self, state: Any) -> None:
+        self.merged = self._merged_from_extra_state(state)
+
+    def _merged_from_extra_state(self, state: Any) -> bool:
+        """Check a saved extra state against this layer; return its ``merged`` flag."""
         s = self.spec
         mine = {"variant": s.variant, "r": s.r, "mini_r": s.mini_r}
         if not isinstance(state, dict):
@@ -157,4 +195,4 @@ class BoneLinear(nn.Module):
         merged = state.get("merged", False)
         if not isinstance(merged, bool):
             raise TypeError(f"BoneLinear extra state 'merged' must be a bool; got {type(merged).__name__} {merged!r}")
-        self.merged = merged
+        return merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .variants import AdapterSpec, spec_from_block
+from .variants import AdapterSpec, check_variant, spec_from_block
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes bonekern computes with: x, weight, bias and block must each have one of these."""
@@ -29,6 +29,36 @@ def check_dtype(name: str, value: object, *, optional: bool = False) -> torch.dt
     return value
 
 
+def check_device(name: str, value: object) -> torch.device | None:
+    """``value`` as a torch.device (None stays None), else ValueError/TypeError naming ``name``.
+
+    A CUDA device must exist here: torch would otherwise fail later with an AssertionError or a RuntimeError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a torch.device, a str such as 'cuda:0', or None; got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0'; got {value!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name} is {value!r}, but torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} is {value!r}, but torch sees {count} CUDA device(s)")
+    return device
+
+
+def _check_mini_r(mini_r: object) -> None:
+    """A type check made before the memoised :func:`spec_from_block`: its cache would take ``mini_r = 4.0`` or
+    ``True`` for an earlier ``4`` or ``1`` (equal and equally hashed), and an unhashable value would fail there
+    without naming the argument (``variant`` gets :func:`check_variant` first for the same reason)."""
+    if mini_r is not None and (isinstance(mini_r, bool) or not isinstance(mini_r, int)):
+        raise TypeError(f"mini_r must be an int or None; got {type(mini_r).__name__} {mini_r!r}")
+
+
 def delta_dtype(x_dtype: torch.dtype, block_dtype: torch.dtype) -> torch.dtype:
     """The dtype adapter terms (S, S @ D, W') are computed in: float32, or float64 if either input is."""
     if torch.float64 in (x_dtype, block_dtype):
@@ -40,6 +70,8 @@ def check_weight_and_block(weight: torch.Tensor, block: torch.Tensor, variant: s
     """Validate a (weight, block) pair for ``variant`` and return its spec."""
     _check_tensor("weight", weight)
     _check_tensor("block", block)
+    check_variant(variant)
+    _check_mini_r(mini_r)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}")
     if block.device != weight.device:
@@ -107,6 +139,7 @@ def check_adapter_args(
     """
     x = _check_tensor("x", x)
     block = _check_tensor("block", block)
+    _check_mini_r(mini_r)
     if variant not in ("bone", "mini"):
         raise ValueError(
             f"variant must be 'bone' or 'mini' for adapter_output (bat's adapter term depends on the weight: use "

@@ -3,6 +3,9 @@
 - ``TRITON_INTERPRET=1`` is set before anything imports triton, so Triton kernels run on CPU tensors through the
   interpreter (docs/testing-without-gpu.md). Ahead-of-time compile tests build a fresh JITFunction from ``kernel.fn``.
 - ``BONEKERN_AUTOTUNE=0`` keeps ``backend="auto"`` on defaults; the autotuner's own tests switch it back on.
+- ``BONEKERN_VERIFY=0``: a kernel test must see its kernel fail, not the torch fallback that verify-before-trust
+  would serve instead (and no test may write verdicts into the user's cache); tests/core/test_verify.py turns
+  it on with a temporary cache directory.
 - Tests marked ``gpu`` are skipped, and reported as skipped, where CUDA is absent.
 - Hypothesis runs a derandomised profile in CI (the same examples every run) and a random one elsewhere.
 - The CUDA host shim (tests/cupy/cuda_shim) is installed as the CuPy backend's launcher for CPU tensors, so
@@ -16,6 +19,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("BONEKERN_AUTOTUNE", "0")
+os.environ.setdefault("BONEKERN_VERIFY", "0")
 
 import pytest
 import torch

@@ -114,6 +114,9 @@ class Backend:
     name: ClassVar[str] = ""
     shared_source_modules: ClassVar[tuple[str, ...]] = ()
     """Modules outside the backend's own module or package whose code its ops run (hashed into tuning keys)."""
+    verify_before_use: ClassVar[bool] = False
+    """True for backends that run their own GPU kernels: each config is checked once on the device against the
+    torch backend before it serves (:mod:`bonekern.verify`)."""
 
     def implements(self, op: str) -> bool:
         """Whether this backend overrides the method of ``op`` (one of :data:`OPS`); dispatch and tuning consider

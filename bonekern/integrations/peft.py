@@ -1,32 +1,45 @@
 """Run PEFT MiSS models on bonekern, in place: ``accelerate(model)``, ``restore(model)``, ``accelerated(model)``.
 
 ``accelerate`` turns every PEFT ``MissLinear`` it can serve into a :class:`BonekernMissLinear`, a subclass whose
-only change is ``forward``: the adapted linear layer runs as one :func:`bonekern.bone_linear` call on the layer's
-base weight, bias and ``miss_block[adapter]``. The switch is a class change, so the module tree, parameters,
-state_dict keys, ``save_pretrained`` / ``from_pretrained``, ``merge`` / ``merge_and_unload`` and the adapter API
-(``set_adapter``, ``disable_adapter``, ``add_adapter``, ...) are PEFT's own, untouched. ``restore`` changes the
-class back.
+only change is ``forward``. The switch is a class change, so the module tree, parameters, state_dict keys,
+``save_pretrained`` / ``from_pretrained``, ``merge`` / ``merge_and_unload`` and the adapter API (``set_adapter``,
+``disable_adapter``, ``add_adapter``, ...) are PEFT's own, untouched. ``restore`` changes the class back.
 
-Semantics follow PEFT's ``MissLinear.forward`` (peft >= 0.17): bone (``init_weights=True`` or ``False``), mini and
-bat; bias; the output in x's dtype (under ``torch.autocast`` too); merged or disabled adapters run PEFT's own
-forward (a plain linear layer, nothing to fuse). Adapter terms are computed in float32 as in PEFT's default
-(float32 adapters); for half-precision adapters PEFT computes them in half precision and bonekern still in float32
-(more accurate, equal within half-precision tolerance). bat builds W' in float32 and runs its GEMM in x's dtype,
-where PEFT runs it in float32; the difference is within x's dtype's tolerance.
+How a call runs (semantics of PEFT's ``MissLinear.forward``, peft >= 0.17):
+
+- bone/mini over a plain ``nn.Linear`` (no hooks, no extra arguments, matching dtypes): one fused
+  :func:`bonekern.bone_linear` call for the adapters without dropout (several adapters with the same r share one
+  group sum: their blocks are summed), plus :func:`bonekern.adapter_output` for each other adapter.
+- bone/mini over any other base layer (bitsandbytes 4/8-bit, torchao, HQQ, GPTQ, hooked, nested, custom): the base
+  layer's own forward (PEFT's call, with its arguments and hooks) plus :func:`bonekern.adapter_output` per r-group.
+- ``miss_dropout > 0`` while training (bone/mini): each adapter's dropout is fused into its group sum with
+  bonekern's counter-based mask (:mod:`bonekern.dropout`, seeded from torch's CPU generator), regenerated in
+  backward; in eval mode there is no dropout. The masks differ from PEFT's ``nn.Dropout`` draws but have the same
+  distribution (keep-probability 1 - p, scale 1 / (1 - p)). bat ignores ``miss_dropout``, as PEFT does.
+- several active adapters: bone/mini terms add up; bat chains them in PEFT's order, W'' = W'(I + B2) + B2, which
+  bonekern runs as one bat with the combined block E = E1 + B2 + E1 B2 (r x r per out-block, differentiable).
+- bat over a plain ``nn.Linear``: :func:`bonekern.bone_linear` (W' built chunk by chunk, x kept).
+
+Merged or disabled adapters run PEFT's own forward (a plain base layer call, nothing to add). Adapter terms are
+computed in float32 as in PEFT's default (float32 adapters); bat builds W' in float32 and runs its GEMM in x's dtype
+where PEFT runs it in float32 (within x's dtype's tolerance).
 
 What bonekern does not serve runs PEFT's own forward, with a one-time warning (:class:`FallbackWarning`) naming the
-layer and the reason: layers that cannot be switched (quantised or non-``nn.Linear`` base layers, nested tuner
-layers, subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served
-(``miss_dropout > 0`` in training mode on bone/mini, several active adapters on one layer, extra forward
-arguments, x's dtype or device differing from the weight's, hooks on the base layer that must see its own call,
-disabled input casting with mixed dtypes). Under ``torch.compile`` the per-call warning is skipped (a warning would
-break the graph); ``accelerate`` already warns about the configurations that will fall back.
+layer and the reason: layers that cannot be switched (bat over a non-``nn.Linear`` base layer or a quantised one
+bonekern cannot read by rows -- bat over bitsandbytes, torchao and hqq bases runs in
+:mod:`bonekern.integrations.peft_quant` --,
+subclasses of MissLinear, unknown variants; reported by ``accelerate``) and calls that cannot be served (bat with
+extra forward arguments, hooks on its base layer, or dtypes/devices that differ from the weight's; x that is not a
+float tensor). Under ``torch.compile`` the per-call warning is skipped (a warning would break the graph).
+DeepSpeed ZeRO-3's own hooks on a base layer are no such reason: :mod:`bonekern.integrations.deepspeed` gathers
+the partitioned base weight for the fused call instead, in forward and again in backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,9 +57,11 @@ except ImportError as error:  # pragma: no cover - exercised only without peft >
 
 from ..backends import check_backend_name
 from ..dispatch import require_available
-from ..functional import bone_linear
+from ..functional import adapter_output, bone_linear
 from ..validation import FLOAT_DTYPES
 from ..variants import spec_from_block
+from . import deepspeed as _zero
+from .peft_quant import quantised_forward, quantised_layer_reason
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +71,10 @@ __all__ = [
     "FallbackWarning",
     "accelerate",
     "accelerated",
+    "is_patched",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
+    "patch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
     "restore",
+    "unpatch",  # noqa: F822 (lazily re-exported from .patch by __getattr__ below)
 ]
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,6 +147,14 @@ def _variant(layer: MissLinear) -> str | None:
     return None
 
 
+def _quantization(layer: MissLinear) -> str | None:
+    """The name of the layer's quantisation backend (peft >= 0.21), or None for an unquantised base layer."""
+    quantization = getattr(layer, "quantization_backend", None)
+    if quantization is None:
+        return None
+    return str(getattr(quantization, "backend_name", type(quantization).__name__))
+
+
 def _layer_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` (a MissLayer) cannot be switched, or None when it can."""
     if type(layer) is not MissLinear and not isinstance(layer, BonekernMissLinear):
@@ -138,28 +164,34 @@ def _layer_reason(layer: nn.Module) -> str | None:
             else ""
         )
         return f"layer class {type(layer).__name__} is not peft's MissLinear{hint}"
-    quantization = getattr(layer, "quantization_backend", None)  # peft >= 0.21; older peft: caught below
-    if quantization is not None:
-        return f"quantised base layer ({getattr(quantization, 'backend_name', type(quantization).__name__)})"
-    base = layer.base_layer
-    if base is not layer.get_base_layer():
-        return f"nested tuner layer (base layer is a {type(base).__name__})"
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
-        return f"base layer is a {type(base).__name__}, not a plain torch.nn.Linear"
-    if not isinstance(base.weight, Tensor) or base.weight.dtype not in FLOAT_DTYPES:
-        return f"base weight dtype {getattr(base.weight, 'dtype', None)} is not a float dtype bonekern computes with"
     variant = _variant(layer)
     if variant is None:
         return f"unknown MiSS variant init_weights={layer.miss_fn!r}"
+    shape = (layer.out_features, layer.in_features)
     for adapter, block in layer.miss_block.items():
         mini_r = layer.miss_mini_r.get(adapter) if variant == "mini" else None
         try:
-            spec_from_block(variant, tuple(base.weight.shape), tuple(block.shape), mini_r)
+            spec_from_block(variant, shape, _zero.shape_of(block), mini_r)
         except (TypeError, ValueError) as error:
             return f"adapter {adapter!r} does not fit variant {variant!r}: {error}"
         if block.dtype not in FLOAT_DTYPES:
             return f"adapter {adapter!r} has dtype {block.dtype}"
+    if variant != "bat":
+        return None  # bone/mini: the base layer runs its own forward, whatever it is
+    if _quantization(layer) is not None:  # bat over a dequantisable base: bonekern.integrations.peft_quant
+        return quantised_layer_reason(layer, variant)
+    base = layer.base_layer
+    if base is not layer.get_base_layer():
+        return f"bat over a nested tuner layer (base layer is a {type(base).__name__})"
+    if not _is_plain_linear(base):
+        return f"bat over a {type(base).__name__}, not a plain torch.nn.Linear"
+    if not isinstance(base.weight, Tensor) or base.weight.dtype not in FLOAT_DTYPES:
+        return f"base weight dtype {getattr(base.weight, 'dtype', None)} is not a float dtype bonekern computes with"
     return None
+
+
+def _is_plain_linear(base: nn.Module) -> bool:
+    return isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
 
 
 def _dropout_p(layer: MissLinear, adapter: str) -> float | None:
@@ -173,39 +205,34 @@ def _dropout_p(layer: MissLinear, adapter: str) -> float | None:
 
 
 def _config_fallback(layer: MissLinear) -> str | None:
-    """A configuration (known now) under which this switched layer will run PEFT's forward at call time."""
-    adapters = [a for a in layer.active_adapters if a in layer.miss_block]
-    if len(adapters) > 1:
-        return f"{len(adapters)} adapters are active on one layer (bonekern serves one)"
-    if _variant(layer) != "bat":
-        ps = {a: _dropout_p(layer, a) for a in layer.miss_block}
-        risky = {a: p for a, p in ps.items() if p is None or p > 0}
-        if risky:
-            return f"training with miss_dropout {risky} (bonekern fuses no dropout)"
+    """A configuration (known now) under which this switched layer will run PEFT's forward at call time: none
+    remain (dropout and several active adapters are served); kept for the report's shape."""
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    if any(getattr(module, name) for name in _MODULE_HOOKS):
+def _has_hooks(module: nn.Module, zero: bool = False) -> bool:
+    """Hooks on ``module`` (or global ones) that must see its call; with ``zero``, DeepSpeed ZeRO-3's do not."""
+    if any(not (zero and _zero.is_known_hook(h)) for name in _MODULE_HOOKS for h in getattr(module, name).values()):
         return True
     return any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
 
 
-def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple, kwargs: dict) -> str | None:
-    """Why this call cannot run on bonekern (None when it can). Pure Python on metadata: torch.compile traces it."""
+def _weight_path_reason(layer: BonekernMissLinear, x: Tensor, block: Tensor, args: tuple, kwargs: dict) -> str | None:
+    """Why this call cannot run as one :func:`bone_linear` on the base weight (None when it can). Pure Python on
+    metadata: torch.compile traces it."""
     base = layer.base_layer
-    weight, bias, block = base.weight, base.bias, layer.miss_block[adapter]
+    if _quantization(layer) is not None or base is not layer.get_base_layer() or not _is_plain_linear(base):
+        return "the base layer is not a plain torch.nn.Linear"
+    weight, bias = _zero.base_parameters(base)
+    if not isinstance(weight, Tensor) or weight.dtype not in FLOAT_DTYPES:
+        return f"the base weight is {getattr(weight, 'dtype', type(weight).__name__)}"
     if args or kwargs:
         return "extra forward arguments for the base layer"
-    if _has_hooks(base):
+    zero = _zero.is_partitioned(weight)
+    if _has_hooks(base, zero):
         return "the base layer has hooks that must see its own call"
-    if layer.miss_fn != "bat":  # PEFT's bat ignores miss_dropout
-        dropout = layer.miss_dropout[adapter]
-        p = _dropout_p(layer, adapter)
-        if p is None or (p > 0 and dropout.training):
-            return f"miss_dropout ({dropout}) in training mode; bonekern fuses no dropout"
-    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
-        return f"x is {getattr(x, 'dtype', type(x).__name__)}, not a float tensor"
+    if zero and (reason := _zero.zero_call_reason(weight, bias, block)) is not None:
+        return reason
     if x.device != weight.device or block.device != weight.device:
         return f"x is on {x.device}, the adapter on {block.device}, the base weight on {weight.device}"
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
@@ -220,6 +247,58 @@ def _call_reason(layer: BonekernMissLinear, adapter: str, x: Tensor, args: tuple
     if not getattr(layer, "cast_input_dtype_enabled", True) and block.dtype != x.dtype:
         return f"input dtype casting is disabled and x is {x.dtype} while the adapter is {block.dtype}"
     return None
+
+
+def _dropout_now(layer: MissLinear, adapter: str) -> float | None:
+    """The dropout probability this call applies for ``adapter`` (0.0 in eval mode or without dropout); None when
+    the dropout module is not one PEFT creates."""
+    p = _dropout_p(layer, adapter)
+    if p is None:
+        return None
+    return p if p > 0 and layer.miss_dropout[adapter].training else 0.0
+
+
+@dataclass
+class _Term:
+    """One bone/mini adapter term of a call: a block (several adapters' blocks summed when they share r and apply
+    no dropout) and its dropout probability."""
+
+    block: Tensor
+    dropout_p: float
+
+
+def _bone_terms(layer: MissLinear, adapters: list[str], ps: dict[str, float]) -> list[_Term]:
+    """The terms of a bone/mini call, in PEFT's adapter order: adapters without dropout grouped by r (one group
+    sum per r; blocks summed, mini blocks repeated to a common width first), each adapter with dropout alone."""
+    terms: list[_Term] = []
+    groups: dict[int, list[Tensor]] = {}
+    for adapter in adapters:
+        block = layer.miss_block[adapter]
+        if ps[adapter] > 0:
+            terms.append(_Term(block, ps[adapter]))
+        else:
+            groups.setdefault(block.shape[0], []).append(block)
+    grouped = []
+    for blocks in groups.values():
+        if len(blocks) == 1:
+            grouped.append(_Term(blocks[0], 0.0))
+            continue
+        cols = math.lcm(*(b.shape[1] for b in blocks))
+        dtype = blocks[0].dtype
+        for b in blocks[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        grouped.append(_Term(sum(b.to(dtype).repeat(1, cols // b.shape[1]) for b in blocks), 0.0))
+    return grouped + terms
+
+
+def _bat_chain(layer: MissLinear, adapters: list[str]) -> Tensor:
+    """The one block E with W(I + E) + E equal to PEFT's chain W_{a+1} = W_a (I + B_a) + B_a over ``adapters``:
+    E_{a+1} = E_a + B_a + E_a B_a (per out-block, r x r; differentiable)."""
+    chained = layer.miss_block[adapters[0]]
+    for adapter in adapters[1:]:
+        block = layer.miss_block[adapter]
+        chained = chained + block + torch.matmul(chained, block)
+    return chained
 
 
 def _warn_once(layer: BonekernMissLinear, reason: str) -> None:
@@ -244,34 +323,73 @@ class BonekernMissLinear(MissLinear):
     """
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """(..., K) -> (..., N) in x's dtype: ``bone_linear(x, W, miss_block[adapter], b)``, or PEFT's forward."""
+        """(..., K) -> (..., N) in x's dtype, on bonekern (see the module docstring), or PEFT's forward."""
         if self._bonekern_backend is None:  # restored while a wrapper's class derived from ours (see restore)
             return MissLinear.forward(self, x, *args, **kwargs)
         if self.disable_adapters or self.merged:
-            return MissLinear.forward(self, x, *args, **kwargs)  # a plain linear layer: nothing to fuse
+            return MissLinear.forward(self, x, *args, **kwargs)  # a plain base layer call: nothing to add
         adapters = [a for a in self.active_adapters if a in self.miss_block]
         if not adapters:
-            return MissLinear.forward(self, x, *args, **kwargs)  # no adapter on this layer: a plain linear layer
-        if len(adapters) > 1:
-            reason = f"{len(adapters)} active adapters {adapters} (bonekern serves one)"
-        else:
-            reason = _call_reason(self, adapters[0], x, args, kwargs)
-        if reason is not None:
-            _warn_once(self, reason)
-            return MissLinear.forward(self, x, *args, **kwargs)
-        adapter = adapters[0]
-        block = self.miss_block[adapter]
+            return MissLinear.forward(self, x, *args, **kwargs)  # no adapter on this layer: a plain base layer
+        if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+            return self._fall_back(f"x is {getattr(x, 'dtype', type(x).__name__)}, not a float tensor", x, args, kwargs)
         variant = _variant(self)
-        y = bone_linear(
-            x,
-            self.base_layer.weight,
-            block,
-            self.base_layer.bias,
-            variant=variant,
-            mini_r=block.shape[1] if variant == "mini" else None,
-            backend=self._bonekern_backend,
-        )
-        return y.to(x.dtype)  # under autocast bone_linear returns the autocast dtype; PEFT returns x's dtype
+        if variant == "bat":
+            shapes = {tuple(self.miss_block[a].shape) for a in adapters}
+            if len(shapes) > 1:
+                return self._fall_back(f"bat adapters {adapters} have different r ({sorted(shapes)})", x, args, kwargs)
+            block = _bat_chain(self, adapters)
+            if _quantization(self) is not None:  # bat over a quantised base: bonekern.integrations.peft_quant
+                return quantised_forward(
+                    self, block, x, args, kwargs, lambda why: self._fall_back(why, x, args, kwargs)
+                )
+            reason = _weight_path_reason(self, x, block, args, kwargs)
+            if reason is not None:
+                return self._fall_back(reason, x, args, kwargs)
+            weight, bias = _zero.base_parameters(self.base_layer)
+            linear = _zero.zero_linear if _zero.is_partitioned(weight) else bone_linear  # ZeRO-3: gathers W per call
+            y = linear(x, weight, block, bias, variant="bat", backend=self._bonekern_backend)
+            return y.to(x.dtype)  # under autocast bone_linear returns the autocast dtype; PEFT returns x's dtype
+        ps = {a: _dropout_now(self, a) for a in adapters}
+        unknown = [a for a, p in ps.items() if p is None]
+        if unknown:
+            return self._fall_back(f"miss_dropout of {unknown} is not nn.Dropout/nn.Identity", x, args, kwargs)
+        devices = {self.miss_block[a].device for a in adapters}
+        if devices != {x.device}:
+            return self._fall_back(f"x is on {x.device}, the adapters on {sorted(map(str, devices))}", x, args, kwargs)
+        terms = _bone_terms(self, adapters, ps)
+        first = terms[0]
+        if first.dropout_p == 0 and _weight_path_reason(self, x, first.block, args, kwargs) is None:
+            weight, bias = _zero.base_parameters(self.base_layer)
+            linear = _zero.zero_linear if _zero.is_partitioned(weight) else bone_linear  # ZeRO-3: gathers W per call
+            y = linear(
+                x,
+                weight,
+                first.block,
+                bias,
+                variant="bone" if first.block.shape[1] == self.out_features else "mini",
+                backend=self._bonekern_backend,
+            ).to(x.dtype)
+            terms = terms[1:]
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+            quantization = getattr(self, "quantization_backend", None)
+            if quantization is not None:
+                y = quantization.maybe_clone_base_result(y)
+        for term in terms:
+            y = y + adapter_output(
+                x,
+                term.block,
+                variant="bone" if term.block.shape[1] == self.out_features else "mini",
+                out_features=self.out_features,
+                dropout_p=term.dropout_p,
+                backend=self._bonekern_backend,
+            ).to(y.dtype)
+        return y.to(x.dtype)
+
+    def _fall_back(self, reason: str, x, args: tuple, kwargs: dict) -> Tensor:
+        _warn_once(self, reason)
+        return MissLinear.forward(self, x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         own = super().extra_repr()
@@ -315,6 +433,11 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
             "model has no PEFT MiSS layers (peft.tuners.miss.MissLayer); build it with "
             "get_peft_model(base_model, MissConfig(...)) first"
         )
+    return _accelerate_layers(layers, backend)
+
+
+def _accelerate_layers(layers: list[tuple[str, nn.Module]], backend: str) -> AccelerateReport:
+    """:func:`accelerate` on the given (qualified name, MissLayer) pairs, ``backend`` already checked."""
     reasons = {name: _layer_reason(layer) for name, layer in layers}
     if backend != "auto":  # fail before switching anything, not at the first forward
         for device in {layer.base_layer.weight.device for name, layer in layers if reasons[name] is None}:
@@ -340,13 +463,13 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> AccelerateReport:
         warnings.warn(
             f"bonekern: {len(names)} MiSS layer(s) keep PEFT's forward ({reason}): {_names(names)}",
             FallbackWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     for reason, names in _group(report.will_fall_back).items():
         warnings.warn(
             f"bonekern: {len(names)} MiSS layer(s) will run PEFT's forward when {reason}: {_names(names)}",
             FallbackWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
 
@@ -396,3 +519,16 @@ def accelerated(model: nn.Module, *, backend: str = "auto") -> Iterator[Accelera
                 _restore_layer(layer)
             else:
                 layer._bonekern_backend = before[id(layer)]
+
+
+_PATCH_NAMES = ("is_patched", "patch", "unpatch")
+
+
+def __getattr__(name: str):
+    """``patch``, ``unpatch`` and ``is_patched`` live in :mod:`.patch`, which builds on this module; they are
+    re-exported here lazily (PEP 562) so the two modules never import each other at module level."""
+    if name in _PATCH_NAMES:
+        from . import patch as patch_module
+
+        return getattr(patch_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,7 +81,7 @@ def test_tune_refuses_the_interpreter_and_bad_arguments(cli_env, monkeypatch):
     assert code == 2 and "TRITON_INTERPRET" in err
     monkeypatch.delenv("TRITON_INTERPRET")
     code, _, err = run("tune", "--shape", "32,16", "--dtype", "float8")
-    assert code == 2 and "--dtype must be one of" in err
+    assert code == 2 and "argument --dtype: expected one of" in err
     code, _, err = run("show", "--provider", "no_such_provider_module")
     assert code == 2 and "neither an entry point" in err
 

@@ -4,9 +4,14 @@ block, and each bad location gets one warning."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import io
 import json
 import os
 import stat
+import tempfile
 import time
 import warnings
 
@@ -16,8 +21,9 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from autotune import AutotuneWarning, CacheFile, Candidate, SearchSpace, Tuner, TuningKey, parse_table
+from autotune import cli as autotune_cli
 from autotune.settings import CACHE_FILE_NAME
-from autotune.store import NEW_FILE_MODE, SCHEMA, read_table_file
+from autotune.store import SCHEMA, current_umask, dump_table, new_file_mode, read_table_file
 from bonekern import bone_linear, dispatch
 
 PREFIX = "HOSTILE"
@@ -103,6 +109,69 @@ def test_any_json_parses_without_raising(doc, entries):
     assert len(table) == 0 and (problem is not None or not entries)
 
 
+@functools.cache
+def _good_entry_text() -> str:
+    return json.dumps(entry_json())
+
+
+def _json_paths(value, prefix=()):
+    """Every path (tuple of keys and indexes) into a JSON value, the root first."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from _json_paths(child, (*prefix, key))
+
+
+RAW_LEAVES = {  # JSON text json.dumps cannot produce, spliced in for these placeholder strings
+    "@huge-float@": "1e999",
+    "@huge-int@": "1" + "0" * 5000,
+    "@big-int@": str(2**70),
+    "@deep@": "[" * 900 + "]" * 900,
+}
+
+
+@seed(1407)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_a_valid_entry_with_fields_replaced_never_raises(data):
+    """Mutation rather than random documents: start from a real entry and replace 1-3 of its fields (at any
+    depth) with hostile JSON, so the checks deep inside an entry are reached, not only the first KeyError."""
+    good = json.loads(_good_entry_text())
+    paths = list(_json_paths(good))[1:]
+    leaves = JSON_VALUES | st.sampled_from([*RAW_LEAVES, -1, 0, 2**63, float("nan"), float("inf"), "", []])
+    doc = copy.deepcopy(good)
+    for path, value in data.draw(st.lists(st.tuples(st.sampled_from(paths), leaves), min_size=1, max_size=3)):
+        parent = doc
+        try:
+            for step in path[:-1]:
+                parent = parent[step]
+            parent[path[-1]] = value
+        except (KeyError, IndexError, TypeError):  # an earlier edit removed this path
+            continue
+    text = json.dumps({"schema": SCHEMA, "entries": [good, doc]})
+    for placeholder, raw in RAW_LEAVES.items():
+        text = text.replace(json.dumps(placeholder), raw)
+    table, problem = parse_table(text)
+    if not len(table):  # only a digit string past Python's int limit makes the whole document unreadable
+        assert problem.startswith("it is not valid JSON (Exceeds the limit"), problem
+        return
+    assert len(table) <= 2  # the untouched entry always survives (or an equal-keyed valid edit replaced it)
+    space = make_space()
+    for match_versions in (True, False):
+        hit = table.lookup(space.key, match_versions=match_versions, between_only=False)
+        assert hit is not None
+        space.is_acceptable(hit.entry.choice)
+    assert len(parse_table(dump_table(table, "cache"))[0]) == len(table)  # what is kept can be written back
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "profile.json")
+        with open(path, "w") as f:
+            f.write(text)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = autotune_cli.main(["show", "--file", path], out=out, err=err)
+    assert code == 0 and "Traceback" not in err.getvalue()
+
+
 @pytest.mark.parametrize(
     "override",
     [
@@ -169,7 +238,7 @@ def test_a_cache_file_with_mode_000_is_rewritten_readable(cache_env):
     CacheFile(cache_env).put([])
     os.chmod(cache_env, 0)
     Tuner("hostile", PREFIX, timer=FakeTimer()).choose(make_space(), runner)
-    assert stat.S_IMODE(os.stat(cache_env).st_mode) == NEW_FILE_MODE
+    assert stat.S_IMODE(os.stat(cache_env).st_mode) == new_file_mode() == 0o644 & ~current_umask()
     assert len(CacheFile(cache_env).table()) == 1
 
 
@@ -196,3 +265,30 @@ def test_one_bad_location_gives_one_warning(cache_env):
     finally:
         os.chmod(cache_env.parent, 0o755)
     assert len(record) == 1
+
+
+def test_a_timing_without_ms_or_error_does_not_break_the_next_write(cache_env):
+    """Such a timing used to parse, and then every write of the cache (merging what is on disk) raised a
+    TypeError out of the tuning call."""
+    bad = entry_json()
+    bad["timings"][0].pop("ms")
+    cache_env.write_text(json.dumps({"schema": SCHEMA, "kind": "cache", "entries": [bad]}))
+    tuner = Tuner("hostile", PREFIX, timer=FakeTimer())
+    with pytest.warns(AutotuneWarning, match="1 malformed entries were skipped"):
+        decision = tuner.choose(make_space(65), runner)
+    assert decision.layer == "tuned"
+    assert len(CacheFile(cache_env).table()) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_new_or_repaired_cache_file_gets_the_umask_mode(cache_env, umask):
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        CacheFile(cache_env).put([])
+        assert stat.S_IMODE(os.stat(cache_env).st_mode) == 0o644 & ~umask  # never wider than the user allows
+        os.chmod(cache_env, 0)
+        Tuner("hostile", PREFIX, timer=FakeTimer()).choose(make_space(), runner)
+        assert stat.S_IMODE(os.stat(cache_env).st_mode) == 0o644 & ~umask
+    finally:
+        os.umask(old)

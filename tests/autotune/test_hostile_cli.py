@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,32 @@ from tests.support import ROOT
 
 CODES = {argtypes.EXIT_OK, argtypes.EXIT_REGRESSION, argtypes.EXIT_USAGE, argtypes.EXIT_FAILED}
 
-HOSTILE = ["-5", "0", "-0", "nan", "inf", "-inf", "1e999", "", " ", "abc", "7", "1", "64x64", "0x0", "3.5", "\x00"]
+HOSTILE = [
+    "-5",
+    "0",
+    "-0",
+    "+5",
+    "nan",
+    "inf",
+    "-inf",
+    "1e999",
+    "",
+    " ",
+    "abc",
+    "7",
+    "1",
+    "64x64",
+    "0x0",
+    "3.5",
+    "\x00",
+    "2147483648",
+    "99999999999999999999999",
+    "\u0663",  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
+    "100000",
+    "99999999999x4",
+    "cuda:-1",
+    ".provider",
+]
 
 
 @pytest.fixture
@@ -60,8 +86,9 @@ def run_autotune(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-class MeasurementStarted(Exception):
-    """Raised by the stand-in for the bench's measurement: validation let these arguments through."""
+class MeasurementStarted(BaseException):
+    """Raised by the stand-in for the bench's measurement: validation let these arguments through. A
+    BaseException, so the CLI's guard (which turns an Exception into exit 3) lets it through too."""
 
 
 def run_bench(argv: list[str], monkeypatch, capsys) -> tuple[int | str, str]:
@@ -69,12 +96,15 @@ def run_bench(argv: list[str], monkeypatch, capsys) -> tuple[int | str, str]:
         raise MeasurementStarted
 
     monkeypatch.setattr(bench_cli, "run_case", started)
+    threads = torch.get_num_threads()  # --threads changes this process's torch: put it back
     try:
         code: int | str = argtypes.run_guarded(lambda: bench_cli.main(argv), prog="bench")
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else argtypes.EXIT_USAGE
     except MeasurementStarted:
         code = "measuring"
+    finally:
+        torch.set_num_threads(threads)
     return code, capsys.readouterr().err
 
 
@@ -105,9 +135,9 @@ def test_autotune_never_tracebacks(cli_env, data):
             "--model",
             "--ops",
         ],
-        "show": ["--file"],
+        "show": ["--file", "--provider"],
         "export": ["--out-dir", "--device"],
-        "clear": ["--device"],
+        "clear": ["--device", "--provider"],
         "presets": [],
         "bogus": ["--x"],
     }[command]
@@ -152,7 +182,8 @@ def test_bench_validates_everything_before_measuring(cli_env, data, monkeypatch,
     for _ in range(data.draw(st.integers(1, 3))):
         argv += [data.draw(st.sampled_from(options)), data.draw(values)]
     code, err = run_bench(argv, monkeypatch, capsys)
-    assert code in CODES | {"measuring"}, (argv, code, err)
+    # nothing is measured here, so exit 3 could only be an unexpected error caught by the guard
+    assert code in {argtypes.EXIT_USAGE, "measuring"}, (argv, code, err)
     assert "Traceback" not in err, (argv, err)
     if code == argtypes.EXIT_USAGE:
         assert _one_line_error(err), (argv, err)
@@ -173,13 +204,27 @@ def test_bench_validates_everything_before_measuring(cli_env, data, monkeypatch,
         (["--compare", "{tmp}/not-json.json"], "argument --compare: expected a readable JSON file;"),
         (["--json", "{tmp}"], "argument --json: expected an output file path;"),
         (["--json", "{tmp}/a-file/out.json"], "argument --json: expected an output file path;"),
+        (["--json", "{tmp}/r.out", "--csv", "{tmp}/../{name}/r.out"], "argument --csv: expected a file other than"),
+        (["--threads", "100000"], "argument --threads: expected a positive integer <= "),
+        (["--tokens", "99999999999999999999999"], "argument --tokens: expected a positive integer <= 2147483647"),
+        (["--r", "\u0663"], "argument --r: expected a positive integer; got"),
+        (["--shape", "99999999999x4096"], "argument --shape: --shape takes N and K of at most 2147483647 each"),
+        (["--impls", "cupy,triton"], "nothing valid to measure: no implementation in --impls can run on cpu"),
     ],
 )
 def test_bench_examples_exit_2_before_measuring(cli_env, monkeypatch, capsys, argv, needle):
-    argv = [a.replace("{tmp}", str(cli_env)) for a in argv]
+    argv = [a.replace("{tmp}", str(cli_env)).replace("{name}", cli_env.name) for a in argv]
     code, err = run_bench(argv, monkeypatch, capsys)
     assert code == argtypes.EXIT_USAGE, err
     assert needle in err and _one_line_error(err), err
+
+
+def test_bench_refuses_an_unknown_autotune_mode_before_measuring(cli_env, monkeypatch, capsys):
+    monkeypatch.setenv("BONEKERN_AUTOTUNE", "maybe")
+    code, err = run_bench(["--shape", "64x64", "--r", "4"], monkeypatch, capsys)
+    assert code == argtypes.EXIT_USAGE and "BONEKERN_AUTOTUNE must be one of" in err and _one_line_error(err), err
+    code, _ = run_bench(["--shape", "64x64", "--r", "4", "--autotune", "off"], monkeypatch, capsys)
+    assert code == "measuring"  # --autotune replaces the variable
 
 
 @pytest.mark.parametrize(
@@ -191,6 +236,9 @@ def test_bench_examples_exit_2_before_measuring(cli_env, monkeypatch, capsys, ar
         '{"results": [{"case_id": "a", "impl": "torch", "fwd_median_ms": "fast"}]}',
         '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": -1}]}',
         '{"results": [], "environment": 3}',
+        '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": 1' + "0" * 400 + "}]}",  # float() overflows
+        '{"results": [{"case_id": "a", "impl": "torch", "peak_bytes": 1' + "0" * 5000 + "}]}",  # past int's limit
+        '{"results": [], "environment": {"device": ' + "[" * 5000 + "]" * 5000 + "}}",
         "[" * 100_000,
     ],
 )
@@ -222,6 +270,13 @@ def test_bench_compare_with_a_fifo_does_not_block(cli_env, monkeypatch, capsys):
         (["show", "--file", "{tmp}/not-json.json"], "argument --file:"),
         (["export", "--out-dir", "{tmp}/a-file"], "argument --out-dir: expected an output directory"),
         (["export", "--out-dir", "{tmp}/a-file/sub"], "argument --out-dir: expected an output directory"),
+        (["tune", "--shape", "16x16", "--dtype", "int32"], "argument --dtype: expected one of bfloat16, float16"),
+        (["tune", "--shape", "16x16", "--device", ""], "argument --device: expected cpu, cuda or cuda:N; got ''"),
+        (["tune", "--shape", "16x16", "--device", "cuda:-1"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["tune", "--shape", "16x16", "--tokens", "4096000000"], "argument --tokens: expected a positive integer <="),
+        (["tune", "--shape", "1\u00b2x16"], "argument --shape: --shape takes NxK"),
+        (["tune", "--provider", ".relative", "--shape", "16x16"], "--provider must be an entry point in group"),
+        (["show", "--provider", "os"], "provider module 'os' has no autotune_provider() function"),
     ],
 )
 def test_autotune_examples_exit_2(cli_env, argv, needle):
@@ -277,3 +332,127 @@ def test_run_guarded_turns_an_unexpected_error_into_one_line_and_exit_3():
 
     assert argtypes.run_guarded(broken, err=err, prog="x") == argtypes.EXIT_FAILED
     assert err.getvalue() == "x: error: KeyError: 'boom'\n"
+
+
+def test_run_guarded_keeps_only_the_first_line_of_a_native_error():
+    err = io.StringIO()
+
+    def native() -> int:  # torch's C++ errors carry a whole backtrace in their message
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] can't allocate\nframe #0: c10::..." + "x" * 1000)
+
+    assert argtypes.run_guarded(native, err=err, prog="x") == argtypes.EXIT_FAILED
+    line = err.getvalue()
+    assert line.count("\n") == 1 and "frame #0" not in line
+    assert line.startswith("x: error: RuntimeError: [enforce fail at alloc_cpu.cpp:127]")
+    assert len(line) <= len("x: error: \n") + argtypes.MAX_ERROR_CHARS
+
+
+# --- a tune job that fails is exit 3, not a silent 0 -------------------------------------------------------------
+# A provider plugged in through --provider (the documented extension point), whose problems cannot run: either
+# every candidate raises, or building the synthetic inputs does (as a shape too large for memory does).
+
+
+class _FailingProvider:
+    name = "hostile-cli"
+    env_prefix = "HOSTILECLI"
+
+    def __init__(self):
+        from autotune import Tuner
+
+        self._tuner = Tuner(self.name, self.env_prefix)
+
+    def tuner(self):
+        return self._tuner
+
+    def add_tune_arguments(self, parser):
+        parser.add_argument("--fail", type=argtypes.choice("a failure", ("candidates", "inputs")), required=True)
+
+    def jobs(self, shapes, tokens, dtypes, device, args):
+        from autotune import Candidate, SearchSpace, TuningKey
+        from autotune.provider import Job
+
+        def broken_runner(candidate):
+            def run():
+                raise RuntimeError(f"candidate {candidate.config['i']} cannot run\nframe #0: native detail")
+
+            return run
+
+        def make_runner():
+            if args.fail == "inputs":
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory\nframe #0: native detail")
+            return broken_runner
+
+        jobs = []
+        for shape in shapes:
+            key = TuningKey.make("op", "auto", {"n": shape.n, "k": shape.k}, tokens[0], "cpu", "cpu", "x", {}, "s")
+            space = SearchSpace(
+                key, tokens[0], Candidate("b", {"i": 0}), lambda: [Candidate("b", {"i": i}) for i in range(2)]
+            )
+            space.label = f"op {shape.n}x{shape.k}"
+            jobs.append(Job(space, make_runner))
+        return jobs, []
+
+    def current_provenance(self, key):
+        return None
+
+    def devices(self):
+        return [("cpu", "cpu")]
+
+    def default_device(self):
+        return "cpu"
+
+    def device_problem(self, device):
+        return None if device == "cpu" else f"expected cpu; got {device!r}"
+
+
+def autotune_provider() -> _FailingProvider:
+    """Found by ``--provider tests.autotune.test_hostile_cli``."""
+    return _FailingProvider()
+
+
+@pytest.mark.parametrize("fail", ["candidates", "inputs"])
+def test_a_tune_job_that_fails_exits_3_and_keeps_going(cli_env, monkeypatch, fail):
+    monkeypatch.setenv("HOSTILECLI_CACHE_DIR", str(cli_env / "failing-cache"))
+    argv = ["tune", "--provider", __name__, "--shape", "8x8", "16x16", "--tokens", "4", "--repeats", "1"]
+    with pytest.warns() if fail == "candidates" else contextlib.nullcontext():  # the tuner warns: all failed
+        code, out, err = run_autotune([*argv, "--fail", fail])
+    assert code == argtypes.EXIT_FAILED, err
+    failed = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert [line.split(":")[1].strip() for line in failed] == ["op 8x8", "op 16x16"], err  # both jobs were tried
+    assert "frame #0" not in err and "Traceback" not in err
+    assert ("all failed" if fail == "candidates" else "failed") in out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "needle"),
+    [
+        ("bonekern.backends.triton.resources", ["--processes", "100000"], "argument --processes: expected a positive"),
+        ("bonekern.backends.triton.resources", ["--processes", "0"], "argument --processes: expected a positive"),
+        ("bonekern.backends.cupy.compile", ["--arch", "99999999999"], "argument --arch: expected a positive integer"),
+        ("bench.overhead", ["--threads", "100000"], "argument --threads: expected a positive integer <= "),
+        ("bench.overhead", ["--shape", "99999999999x64x64"], "argument --shape: expected MxNxK"),
+    ],
+)
+def test_developer_clis_refuse_counts_past_the_machine(module, argv, needle, capsys):
+    """100000 worker processes never finish starting; 100000 torch threads crash at exit."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == argtypes.EXIT_USAGE and needle in err and _one_line_error(err), err
+
+
+def test_export_onto_a_directory_named_like_the_profile_exits_2(cli_env):
+    from autotune.keys import profile_name
+    from bonekern.tuning import device_identity
+
+    tune = ["tune", "--shape", "16x16", "--r", "4", "--tokens", "2", "--repeats", "1", "--variant", "bat"]
+    code, _, err = run_autotune([*tune, "--ops", "forward", "--device", "cpu"])
+    assert code == argtypes.EXIT_OK, err
+    out_dir = cli_env / "profiles"
+    (out_dir / profile_name(device_identity(torch.device("cpu"))[0])).mkdir(parents=True)
+    code, _, err = run_autotune(
+        ["export", "--out-dir", str(out_dir), "--device", device_identity(torch.device("cpu"))[0]]
+    )
+    assert code == argtypes.EXIT_USAGE and "argument --out-dir: cannot write" in err and "Traceback" not in err, err

@@ -103,7 +103,8 @@ def test_compare_exits_nonzero_on_an_injected_regression(tiny_run, tmp_path):
     def inject(r):
         if r["impl"] == "torch" and r["variant"] == "bat":
             r["peak_bytes"] //= 2  # memory is deterministic: now the current run uses 2x the baseline's
-            r["fwdbwd_median_ms"] /= 100
+            # a time no machine reaches: the current run regresses however loaded this machine was for either run
+            r["fwdbwd_median_ms"] = 1e-9
 
     baseline = _baseline(tiny_run, tmp_path, inject)
     status, out, err = _run([*TINY, "--variants", "bat", "--impls", "torch,linear", "--compare", baseline])
@@ -194,3 +195,31 @@ def test_python_m_bench_runs_without_triton_interpret():
     assert proc.returncode == 0, proc.stderr
     assert "triton  not run [1]" in proc.stdout and "[1] triton not run: " in proc.stdout
     assert proc.stderr == ""  # no profiler chatter, no progress lines under --quiet
+
+
+def test_dropout_cases_report_what_each_keeps(tmp_path):
+    """--dropout: bone/mini cases with miss_dropout; bonekern keeps S (M x r) where PEFT keeps its M x K mask."""
+    pytest.importorskip("peft", reason="peft is not installed")
+    path = tmp_path / "d.json"
+    argv = [*TINY, "--variants", "bone,mini,bat", "--impls", "torch,peft", "--dropout", "0.1", "--json", str(path)]
+    status, out, err = _run(argv)
+    assert status == argtypes.EXIT_OK, err
+    assert "| bone, dropout 0.1, r = 16 |" in out and "| bat, r = 16 |" in out  # bat ignores dropout, as PEFT
+    results = {(r["variant"], r["impl"]): r for r in json.loads(path.read_text())["results"]}
+    assert all(r["status"] == "ok" for r in results.values())
+    for variant in ("bone", "mini"):
+        ours, peft = results[(variant, "torch")], results[(variant, "peft")]
+        assert ours["dropout"] == peft["dropout"] == 0.1
+        assert "/dropout0.1/" in ours["case_id"]
+        assert ours["kept_bytes"] == 16 * 16 * 4  # S (M x r) in float32, nothing of M x K
+        assert any(k["shape"] == [16, 64] for k in peft["kept_tensors"])  # PEFT's mask
+        assert "check_vs" not in ours  # different masks: no output check (the integration tests fix them)
+    assert results[("bat", "torch")]["dropout"] == 0.0
+
+
+def test_dropout_argument_is_checked():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        cli.main([*TINY, "--dropout", "1.0"])
+    assert e.value.code == argtypes.EXIT_USAGE
+    assert "argument --dropout: must be in [0, 1); got '1.0'" in err.getvalue()

@@ -6,9 +6,11 @@ Started by ``torch.multiprocessing.start_processes(main, args=(world, out_dir), 
 and the synchronised gradients must equal the single-process gradients of the full batch.
 
 Saved to ``out_dir/rank{r}.pt``: for each case ("bonenet-ddp", "bonenet-fsdp2", "llama-ddp", "llama-fsdp2",
-"llama-fsdp2-late": accelerate after fully_shard) the loss on this rank's rows, the full (gathered) gradient of
+"llama-fsdp2-late": accelerate after fully_shard, "llama-fsdp1": FSDP1 with use_orig_params=True, accelerated
+before wrapping) the loss on this rank's rows, the full (gathered) gradient of
 every trainable parameter after one backward, and the full trainable parameters after one SGD step; how many
-bonekern calls the accelerated PEFT layers made; what accelerate / restore do with layers FSDP2 re-classed.
+bonekern calls the accelerated PEFT layers made; what accelerate / restore do with layers FSDP2 re-classed; what
+FSDP1 does with accelerate after wrapping and with ``use_orig_params=False``.
 """
 
 from __future__ import annotations
@@ -110,6 +112,45 @@ def _step(model: nn.Module, loss: torch.Tensor) -> dict:
     return {"loss": loss.detach(), "grads": grads, "params": after}
 
 
+def _fsdp1(model: nn.Module, use_orig_params: bool = True) -> nn.Module:
+    """FSDP1 with one unit per decoder layer (the usual transformer wrap policy), on the CPU."""
+    from functools import partial
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=policy, use_orig_params=use_orig_params, device_id=torch.device("cpu")
+    )
+
+
+def _step_fsdp1(model: nn.Module, loss: torch.Tensor) -> dict:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def clean(name: str) -> str:
+        return name.replace("_fsdp_wrapped_module.", "")
+
+    loss.backward()
+    with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+        grads = {clean(n): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR).step()
+    with FullyShardedDataParallel.summon_full_params(model):
+        after = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"loss": loss.detach(), "grads": grads, "params": after}
+
+
+def _fsdp1_limits() -> dict:
+    """accelerate after FSDP1 wrapping (flat, sharded weights outside forward) and use_orig_params=False."""
+    out = {"late_report": str(accelerate(_fsdp1(llama(accelerated=False))))}
+    try:
+        _fsdp1(llama(), use_orig_params=False)
+    except ValueError as error:
+        out["flat_error"] = str(error)
+    return out
+
+
 def main(rank: int, world: int, out_dir: str) -> None:
     if Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -164,6 +205,12 @@ def main(rank: int, world: int, out_dir: str) -> None:
         results["late_report"] = str(accelerate(model))
         results["llama-fsdp2-late"] = _step(model, llama_loss(model, ids[rows]))
         results["bonekern_calls_late"] = counter[0] - results["bonekern_calls"]
+
+        before = counter[0]
+        model = _fsdp1(llama())  # accelerate first, then wrap: FSDP1 unshards each unit before its forward/backward
+        results["llama-fsdp1"] = _step_fsdp1(model, llama_loss(model, ids[rows]))
+        results["bonekern_calls_fsdp1"] = counter[0] - before
+        results["fsdp1"] = _fsdp1_limits()
 
         results["classes"] = _sharded_layer_classes()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -3,6 +3,7 @@ and every fallback (PEFT's own forward, with a one-time warning naming the layer
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 import warnings
@@ -15,10 +16,12 @@ from torch import nn
 from tests.support import assert_close_to_reference
 from tests.support.models import (
     VARIANTS,
+    FixedMasks,
     adapter_params,
     assert_as_accurate_as,
     grad_errors,
     lm_loss,
+    loss_and_grads,
     miss_model,
     tiny_llama,
     token_batch,
@@ -249,43 +252,90 @@ def fallback_messages(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, FallbackWarning)]
 
 
-def test_dropout_falls_back_in_training_only(base, calls):
-    peft_model = miss_model("bone", base, miss_dropout=0.2)
-    model = miss_model("bone", base, miss_dropout=0.2)
-    with pytest.warns(FallbackWarning, match=r"14 MiSS layer\(s\) will run PEFT's forward when training"):
+def assert_matches_peft(ours, theirs, what: str) -> None:
+    """(loss, grads) of bonekern against PEFT's, fp32."""
+    loss, grads = ours
+    loss_p, grads_p = theirs
+    assert set(grads) == set(grads_p) and grads, what
+    assert_close_to_reference(loss, loss_p, torch.float32, f"{what} loss")
+    for name in grads_p:
+        assert_close_to_reference(grads[name], grads_p[name], torch.float32, f"{what} {name}")
+
+
+@pytest.mark.parametrize("variant", ["bone", "mini", "bat"])
+def test_dropout_is_served_and_matches_peft_with_its_masks(base, calls, variant, monkeypatch):
+    """miss_dropout=0.1 while training: every layer runs bonekern (no FallbackWarning); given bonekern's masks,
+    PEFT computes the same loss and adapter gradients. bat ignores miss_dropout, in both."""
+    peft_model = miss_model(variant, base, miss_dropout=0.1)
+    model = miss_model(variant, base, miss_dropout=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         report = accelerate(model)
-    assert len(report.switched) == LAYERS and len(report.will_fall_back) == LAYERS
-    ids = token_batch(7)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        torch.manual_seed(11)
-        train_logits = model(input_ids=ids).logits
-        model(input_ids=ids)
-    messages = fallback_messages(record)
-    assert len(messages) == LAYERS  # once per layer, not once per call
-    assert "base_model.model.model.layers.0.self_attn.q_proj runs PEFT's own forward: miss_dropout" in messages[0]
-    assert calls.n == 0
-    torch.manual_seed(11)
-    torch.testing.assert_close(train_logits, peft_model(input_ids=ids).logits, rtol=0, atol=0)  # same RNG use
+        assert len(report.switched) == LAYERS and not report.kept and not report.will_fall_back
+        masks = FixedMasks(monkeypatch)
+        ids = token_batch(7)
+        ours = loss_and_grads(model, ids)
+    assert len(masks.specs) == (0 if variant == "bat" else LAYERS)
+    masks.replay(peft_model)
+    theirs = loss_and_grads(peft_model, ids)
+    assert not masks.specs  # PEFT used every mask bonekern drew, in the same order
+    assert_matches_peft(ours, theirs, f"{variant} dropout")
+    assert calls.n == (LAYERS if variant == "bat" else 0)  # bone/mini with dropout: base forward + adapter term
 
     model.eval()
     peft_model.eval()
     assert_close_to_reference(
         model(input_ids=ids).logits, peft_model(input_ids=ids).logits, torch.float32, "eval logits"
     )
-    assert calls.n == LAYERS
+    assert not masks.specs  # eval mode draws nothing
 
 
-def test_several_active_adapters_fall_back(base, calls):
-    model = miss_model("bone", base)
-    model.add_adapter("other", MissConfig(target_modules=["q_proj"], **VARIANTS["bone"]))
-    model.base_model.set_adapter(["default", "other"])
-    with pytest.warns(FallbackWarning, match="2 adapters are active on one layer"):
+def _several_adapters(base, variant: str, extra: list[tuple[str, dict, list[str]]]):
+    model = miss_model(variant, base)
+    generator = torch.Generator().manual_seed(5)
+    for name, overrides, targets in extra:
+        model.add_adapter(name, MissConfig(target_modules=targets, **{**VARIANTS[variant], **overrides}))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if f"miss_block.{name}" in pname:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.base_model.set_adapter(["default", *(name for name, _, _ in extra)])
+    return model
+
+
+SEVERAL = {
+    "bone same r": ("bone", [("other", {}, ["q_proj", "v_proj"])]),
+    "bone mixed r": ("bone", [("other", {}, ["q_proj"]), ("third", {"r": 4}, ["q_proj", "down_proj"])]),
+    "bone with dropout": ("bone", [("other", {"miss_dropout": 0.1}, ["q_proj"])]),
+    "mini mixed mini_r": ("mini", [("other", {"mini_r": 4}, ["q_proj"]), ("third", {"r": 3}, ["v_proj"])]),
+    "bat chain": ("bat", [("other", {}, ["q_proj", "o_proj"]), ("third", {}, ["q_proj"])]),
+}
+
+
+@pytest.mark.parametrize("case", list(SEVERAL))
+def test_several_active_adapters_match_peft(base, case, monkeypatch):
+    variant, extra = SEVERAL[case]
+    peft_model = _several_adapters(base, variant, extra)
+    model = _several_adapters(base, variant, extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         report = accelerate(model)
-    assert len(report.will_fall_back) == 2  # the two q_proj layers
-    with pytest.warns(FallbackWarning, match=r"q_proj runs PEFT's own forward: 2 active adapters"):
+        assert len(report.switched) == LAYERS and not report.kept and not report.will_fall_back
+        masks = FixedMasks(monkeypatch)
+        ids = token_batch(8)
+        ours = loss_and_grads(model, ids)
+    masks.replay(peft_model)
+    theirs = loss_and_grads(peft_model, ids)
+    assert not masks.specs
+    assert any(name.endswith(".other") for name in ours[1])
+    assert_matches_peft(ours, theirs, case)
+
+
+def test_bat_adapters_with_different_r_fall_back(base):
+    model = _several_adapters(base, "bat", [("other", {"r": 4}, ["q_proj"])])
+    accelerate(model)
+    with pytest.warns(FallbackWarning, match=r"q_proj runs PEFT's own forward: bat adapters .* have different r"):
         model(input_ids=token_batch(8))
-    assert calls.n == LAYERS - 2
 
 
 class ScaledLinear(nn.Linear):
@@ -308,17 +358,17 @@ class Net(nn.Module):
 
 def test_unservable_layers_are_kept_and_reported(caplog):
     torch.manual_seed(0)
-    model = get_peft_model(Net(), MissConfig(r=4, target_modules=["plain", "scaled", "other"]))
+    model = get_peft_model(Net(), MissConfig(r=4, init_weights="bat", target_modules=["plain", "scaled", "other"]))
     inner = model.base_model.model
-    inner.other.quantization_backend = SimpleNamespace(backend_name="bnb-8bit")  # simulated: no bnb installed here
+    inner.other.quantization_backend = SimpleNamespace(backend_name="bnb-8bit")  # simulated
     caplog.set_level(logging.INFO, logger="bonekern.integrations.peft")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         report = accelerate(model)
     assert report.switched == ["base_model.model.plain"]
     assert report.kept == {
-        "base_model.model.scaled": "base layer is a ScaledLinear, not a plain torch.nn.Linear",
-        "base_model.model.other": "quantised base layer (bnb-8bit)",
+        "base_model.model.scaled": "bat over a ScaledLinear, not a plain torch.nn.Linear",
+        "base_model.model.other": "bat over a quantised base layer (bnb-8bit)",
     }
     messages = fallback_messages(record)
     assert any("scaled" in m and "ScaledLinear" in m for m in messages)
@@ -327,27 +377,66 @@ def test_unservable_layers_are_kept_and_reported(caplog):
     assert type(inner.scaled) is MissLinear and type(inner.plain) is BonekernMissLinear
 
 
-def test_call_time_fallbacks(calls):
+@pytest.mark.parametrize("variant", ["bone", "mini"])
+def test_bone_runs_over_any_base_layer(variant):
+    """bone/mini over a base layer with its own forward: that forward runs (as in PEFT), bonekern adds the term."""
     torch.manual_seed(0)
-    model = get_peft_model(Net(), MissConfig(r=4, target_modules=["plain"]))
+    config = MissConfig(target_modules=["plain", "scaled", "other"], **{**VARIANTS[variant], "r": 4, "mini_r": 4})
+    peft_model = get_peft_model(Net(), config)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if not p.requires_grad:
+                continue
+            p.normal_(0, 0.1)
+    model = copy.deepcopy(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        report = accelerate(model)
+    assert len(report.switched) == 3 and not report.kept
+    x = torch.randn(2, 3, 16)
+    y, y_peft = model(x), peft_model(x)
+    assert_close_to_reference(y, y_peft, torch.float32, "output")
+    y.square().sum().backward()
+    y_peft.square().sum().backward()
+    peft_grads = dict(peft_model.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close_to_reference(p.grad, peft_grads[name].grad, torch.float32, name)
+
+
+def test_hooked_base_layer_sees_its_call(calls):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(Net(), MissConfig(r=4, target_modules=["plain"]))
+    model = copy.deepcopy(peft_model)
     accelerate(model)
     layer = model.base_model.model.plain
     x = torch.randn(3, 16)
-
     seen = []
     handle = layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    with pytest.warns(FallbackWarning, match="plain runs PEFT's own forward: the base layer has hooks"):
-        layer(x)
-    assert seen == [(3, 8)] and calls.n == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        y = layer(x)
+    assert seen == [(3, 8)] and calls.n == 0  # the base layer's own call, then bonekern's adapter term
+    assert_close_to_reference(y, peft_model.base_model.model.plain(x), torch.float32, "hooked output")
     handle.remove()
 
-    # PEFT's own forward decides: here its base layer refuses the dtype, as without bonekern
-    mismatch = "x is torch.float64 but the base layer is torch.float32"
-    with pytest.warns(FallbackWarning, match=mismatch), pytest.raises(RuntimeError):
+    # the base layer decides about dtypes, as without bonekern: here it refuses float64 x
+    with pytest.raises(RuntimeError):
         layer(x.double())
 
     layer(x)
-    assert calls.n == 1
+    assert calls.n == 1  # no hooks any more: the fused path
+
+
+def test_bat_call_time_fallbacks():
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), MissConfig(r=4, init_weights="bat", target_modules=["plain"]))
+    accelerate(model)
+    layer = model.base_model.model.plain
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: None)
+    with pytest.warns(FallbackWarning, match="plain runs PEFT's own forward: the base layer has hooks"):
+        layer(torch.randn(3, 16))
+    handle.remove()
 
 
 def test_cpu_autocast_output_dtype_matches_peft(base, calls):

@@ -93,3 +93,61 @@ def assert_as_accurate_as(ours: tuple[float, float], theirs: tuple[float, float]
     accurate as theirs overall (1.5x), and no tensor may be far off (3x their worst tensor; a wrong tensor is ~1)."""
     assert ours[0] <= 1.5 * theirs[0], f"{what}: overall error {ours[0]:.3e} vs {theirs[0]:.3e}"
     assert ours[1] <= 3 * theirs[1], f"{what}: worst tensor error {ours[1]:.3e} vs {theirs[1]:.3e}"
+
+
+class FixedMasks:
+    """Gives PEFT the dropout masks bonekern drew, so the two runs are comparable exactly.
+
+    ``record()`` wraps :func:`bonekern.dropout.draw` (as bonekern's public function calls it) and keeps every
+    spec drawn, in call order; ``replay(peft_model)`` replaces each ``nn.Dropout`` of the PEFT model's MiSS layers
+    with a module that applies the next recorded spec's :func:`bonekern.dropout.keep_mask` (on the first
+    in_features columns: PEFT pads x before its dropout, and the padding is zero either way).
+    """
+
+    def __init__(self, monkeypatch):
+        import bonekern.functional
+
+        self.specs: list = []
+        real = bonekern.functional.draw
+
+        def recording(p, generator=None):
+            spec = real(p, generator)
+            self.specs.append(spec)
+            return spec
+
+        monkeypatch.setattr(bonekern.functional, "draw", recording)
+
+    def replay(self, peft_model: nn.Module) -> None:
+        from peft.tuners.miss.layer import MissLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, MissLayer):
+                for name, dropout in list(module.miss_dropout.items()):
+                    if isinstance(dropout, nn.Dropout):
+                        module.miss_dropout[name] = _ReplayDropout(self, dropout.p, module.in_features)
+
+
+class _ReplayDropout(nn.Module):
+    def __init__(self, masks: FixedMasks, p: float, in_features: int):
+        super().__init__()
+        self.masks, self.p, self.in_features = masks, p, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from bonekern.dropout import keep_mask
+
+        if not self.training:
+            return x
+        spec = self.masks.specs.pop(0)
+        assert spec.p == self.p
+        flat = x.reshape(-1, x.shape[-1])
+        keep = torch.ones(flat.shape, dtype=torch.bool)
+        keep[:, : self.in_features] = keep_mask(spec, flat.shape[0], self.in_features)
+        return (flat * keep.to(x.dtype) * spec.scale).reshape(x.shape)
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward: the loss and every trainable parameter's gradient (cleared first)."""
+    model.zero_grad()
+    loss = lm_loss(model, ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in adapter_params(model).items() if p.grad is not None}

@@ -63,6 +63,7 @@ class CupyBackend(Backend):
     """CUDA C++ kernels through CuPy; available on CUDA devices when CuPy (with NVRTC) imports."""
 
     name = "cupy"
+    verify_before_use = True
     shared_source_modules = ("bonekern.backends.cupy",)  # the whole package: host.py, sources.py, kernels/*.cu
 
     def unavailable_reason(self, device: torch.device) -> str | None:
@@ -77,7 +78,10 @@ class CupyBackend(Backend):
         if problem.op == "bone_forward":
             tiles = -(-problem.m // 64) * -(-problem.n // 64)
             return {"tile": "t64x64" if tiles >= _FILL_TILES else "t32x32", "vector": True, "threads_per_row": 0}
-        if problem.op == "bone_backward":
+        if problem.op == "adapter_forward":
+            tiles = -(-problem.m // 64) * -(-problem.n // 64)
+            return {"tile": "t64x64" if tiles >= _FILL_TILES else "t32x32", "vector": True, "threads_per_row": 0}
+        if problem.op in ("bone_backward", "adapter_backward"):
             cols = max(1, _CHUNK_BYTES // (_acc_size(problem) * problem.m))
             return {"vector": True, "threads_per_row": 0, "chunk_cols": min(problem.n, cols)}
         chunk = _chunk_blocks(problem)
@@ -102,12 +106,12 @@ class CupyBackend(Backend):
             if cfg not in out:
                 out.append(cfg)
 
-        if problem.op == "bone_forward":
+        if problem.op in ("bone_forward", "adapter_forward"):
             for tile in ("t64x64", "t32x32"):
                 for threads in (0, 32, 256):
                     add(tile=tile, threads_per_row=threads)
             add(vector=False)
-        elif problem.op == "bone_backward":
+        elif problem.op in ("bone_backward", "adapter_backward"):
             for threads in (0, 32, 256):
                 add(threads_per_row=threads)
             add(chunk_cols=problem.n)
@@ -138,37 +142,34 @@ class CupyBackend(Backend):
         return y, s
 
     def bone_backward(self, dy, s, weight, block, need_dx, need_dblock, config):
-        acc = s.dtype
-        cols = block.shape[1]
-        m, n = dy.shape
-        d = block.to(acc).contiguous()
-        vector = config.get("vector", True)
-        threads = config.get("threads_per_row", 0)
-        t = dblock = dx = None
-        if cols < n or dy.dtype == acc:
-            # mini: fold dY over the N / C repeats (the "mini reduction"); bone at full precision: dY itself.
-            dy_f = host.group_sum(dy, cols, acc, vector=vector, threads_per_row=threads) if cols < n else dy
-            if need_dx:
-                t = torch.mm(dy_f, d.t())
-            if need_dblock:
-                dblock = torch.mm(s.t(), dy_f)
-        else:
-            # bone with a 16-bit dY: widen chunk_cols columns at a time, so the acc copy of dY stays bounded.
-            chunk = max(1, int(config.get("chunk_cols", n)))
-            t = torch.zeros(m, block.shape[0], dtype=acc, device=dy.device) if need_dx else None
-            dblock = torch.empty(block.shape, dtype=acc, device=dy.device) if need_dblock else None
-            for c0 in range(0, n, chunk):
-                c1 = min(n, c0 + chunk)
-                dy_c = host.group_sum(dy[:, c0:c1], c1 - c0, acc, vector=vector, threads_per_row=threads)
-                if need_dx:
-                    t.addmm_(dy_c, d[:, c0:c1].t())
-                if need_dblock:
-                    dblock[:, c0:c1] = torch.mm(s.t(), dy_c)
+        t, dblock = _t_and_dblock(dy, s, block, need_dx, need_dblock, config)
+        dx = None
         if need_dx:
             dx = torch.mm(dy, weight)
-            host.add_grouped_(dx, t.contiguous(), vector=vector)
-        if dblock is not None:
-            dblock = dblock.to(block.dtype)
+            host.add_grouped_(dx, t.contiguous(), vector=config.get("vector", True))
+        return dx, dblock
+
+    # -- the adapter term alone (bone / mini over any base layer) -----------------------------------------------
+
+    def adapter_forward(self, x, block, out_features, dropout, config):
+        r = block.shape[0]
+        acc = delta_dtype(x.dtype, block.dtype)
+        if dropout is None:
+            s = host.group_sum(
+                x, r, acc, vector=config.get("vector", True), threads_per_row=config.get("threads_per_row", 0)
+            )
+        else:
+            s = host.adapter_group_sum(x, r, acc, dropout).mul_(dropout.scale)
+        y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+        host.write_adapter_(y, s, block.to(acc).contiguous(), tile=config.get("tile", "t64x64"))
+        return y, s
+
+    def adapter_backward(self, dy, s, block, in_features, dropout, need_dx, need_dblock, config):
+        t, dblock = _t_and_dblock(dy, s, block, need_dx, need_dblock, config)
+        dx = None
+        if need_dx:
+            t = t.contiguous() if dropout is None else t.mul(dropout.scale)
+            dx = host.adapter_spread(t, in_features, dy.dtype, dropout)
         return dx, dblock
 
     # -- bat ----------------------------------------------------------------------------------------------------
@@ -259,3 +260,39 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if b.dtype == acc:
         return torch.mm(a.to(acc), b)
     return torch.mm(a, b, out_dtype=acc)
+
+
+def _t_and_dblock(
+    dy: torch.Tensor, s: torch.Tensor, block: torch.Tensor, need_t: bool, need_dblock: bool, config: Config
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """T = dY D^T (M, r) in acc (when ``need_t``) and dblock = S^T dY folded mod C (r, C) in the block's dtype (when
+    ``need_dblock``): what bone backward and the adapter backward share. dY_f is dY folded over mini's N / C repeats
+    (the group-sum kernel, (M, C)), or for bone with a 16-bit dY, dY widened to acc ``chunk_cols`` columns at a time
+    (bounded temporary M x chunk_cols)."""
+    acc = s.dtype
+    cols = block.shape[1]
+    m, n = dy.shape
+    d = block.to(acc).contiguous()
+    vector = config.get("vector", True)
+    threads = config.get("threads_per_row", 0)
+    t = dblock = None
+    if cols < n or dy.dtype == acc:
+        dy_f = host.group_sum(dy, cols, acc, vector=vector, threads_per_row=threads) if cols < n else dy
+        if need_t:
+            t = torch.mm(dy_f, d.t())
+        if need_dblock:
+            dblock = torch.mm(s.t(), dy_f)
+    else:
+        chunk = max(1, int(config.get("chunk_cols", n)))
+        t = torch.zeros(m, block.shape[0], dtype=acc, device=dy.device) if need_t else None
+        dblock = torch.empty(block.shape, dtype=acc, device=dy.device) if need_dblock else None
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            dy_c = host.group_sum(dy[:, c0:c1], c1 - c0, acc, vector=vector, threads_per_row=threads)
+            if need_t:
+                t.addmm_(dy_c, d[:, c0:c1].t())
+            if need_dblock:
+                dblock[:, c0:c1] = torch.mm(s.t(), dy_c)
+    if dblock is not None:
+        dblock = dblock.to(block.dtype)
+    return t, dblock

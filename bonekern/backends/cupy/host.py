@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ...dropout import DropoutSpec
 from .launcher import KernelArg, launcher_for
 from .sources import BLOCK_THREADS, FAMILIES, kernel_name, tile_shape
 
@@ -109,6 +110,54 @@ def add_adapter_(y: torch.Tensor, s: torch.Tensor, d: torch.Tensor, *, tile: str
     grid = (_ceil_div(m, bm) * _ceil_div(n, bn), 1, 1)
     _launch("bone_add_adapter", y.dtype, s.dtype, tile, grid, (y, s, d, m, n, y.stride(0), r, cols), y.device)
     return y
+
+
+def write_adapter_(y: torch.Tensor, s: torch.Tensor, d: torch.Tensor, *, tile: str = "t64x64") -> torch.Tensor:
+    """y[m, n] = sum_c s[m, c] d[c, n % C], summed in acc and rounded once into y's dtype (y is not read).
+
+    y: (M, N) with unit column stride; s: (M, r) contiguous in acc; d: (r, C) contiguous in acc with C | N.
+    """
+    m, n = y.shape
+    r, cols = d.shape
+    _check_acc_operands(y, s, d)
+    if y.stride(1) != 1 or s.shape != (m, r) or n % cols:
+        shapes = f"y {tuple(y.shape)} (strides {y.stride()}), s {tuple(s.shape)}, d {(r, cols)}"
+        raise ValueError(f"write_adapter_: {shapes}")
+    bm, bn = tile_shape(tile)
+    grid = (_ceil_div(m, bm) * _ceil_div(n, bn), 1, 1)
+    _launch("bone_write_adapter", y.dtype, s.dtype, tile, grid, (y, s, d, m, n, y.stride(0), r, cols), y.device)
+    return y
+
+
+def _dropout_args(dropout: DropoutSpec | None) -> tuple[int, int, int]:
+    """(seed, offset, threshold) kernel arguments of a spec; zeros (not read) without one."""
+    return (0, 0, 0) if dropout is None else (dropout.seed, dropout.offset, dropout.threshold)
+
+
+def adapter_group_sum(x: torch.Tensor, r: int, acc: torch.dtype, dropout: DropoutSpec) -> torch.Tensor:
+    """S[m, j] = sum over g of x[m, g * r + j] * keep(m, g * r + j): (M, r) in ``acc``, NOT yet scaled by
+    1 / (1 - p). x: (M, K) with any strides; the mask is :func:`bonekern.dropout.keep_mask`'s."""
+    m, k = x.shape
+    s = torch.empty(m, r, dtype=acc, device=x.device)
+    blocks = max(1, min(MAX_GRID_STRIDE_BLOCKS, _ceil_div(m * r, BLOCK_THREADS)))
+    args = (x, s, m, k, x.stride(0), x.stride(1), r, *_dropout_args(dropout))
+    _launch("adapter_group_sum", x.dtype, acc, "dropout", (blocks, 1, 1), args, x.device)
+    return s
+
+
+def adapter_spread(t: torch.Tensor, k: int, dtype: torch.dtype, dropout: DropoutSpec | None) -> torch.Tensor:
+    """dx[m, k] = t[m, k % r] (times keep(m, k) under ``dropout``): a new (M, K) tensor of ``dtype``.
+
+    t: (M, r) contiguous in acc (already scaled by 1 / (1 - p) under dropout).
+    """
+    m, r = t.shape
+    _check_acc_operands(t, t)
+    dx = torch.empty(m, k, dtype=dtype, device=t.device)
+    blocks = max(1, min(MAX_GRID_STRIDE_BLOCKS, _ceil_div(m * k, BLOCK_THREADS)))
+    variant = "plain" if dropout is None else "dropout"
+    args = (dx, t, m, k, dx.stride(0), r, *_dropout_args(dropout))
+    _launch("adapter_spread", dtype, t.dtype, variant, (blocks, 1, 1), args, t.device)
+    return dx
 
 
 def add_grouped_(dx: torch.Tensor, t: torch.Tensor, *, vector: bool = True) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 BLOCK_THREADS = 256
 """Threads per block of every kernel (``bk::kBlockThreads`` in common.cuh; each kernel's ``__launch_bounds__``)."""
 
-KERNEL_FILES: tuple[str, ...] = ("group_sum.cu", "bone.cu", "bat.cu")
+KERNEL_FILES: tuple[str, ...] = ("group_sum.cu", "bone.cu", "bat.cu", "adapter.cu")
 """The translation units, each compiled into one module."""
 
 _DTYPE_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
@@ -51,9 +51,12 @@ class KernelFamily:
 FAMILIES: dict[str, KernelFamily] = {
     "group_sum": KernelFamily("group_sum.cu", ("scalar", "vec16")),
     "bone_add_adapter": KernelFamily("bone.cu", ("t64x64", "t32x32")),
+    "bone_write_adapter": KernelFamily("bone.cu", ("t64x64", "t32x32")),
     "bone_add_grouped": KernelFamily("bone.cu", ("scalar", "vec16")),
     "bat_weight": KernelFamily("bat.cu", ("t64x64", "t128x16")),
     "bat_block_grad": KernelFamily("bat.cu", ("t64x64", "t32x32")),
+    "adapter_group_sum": KernelFamily("adapter.cu", ("dropout",)),
+    "adapter_spread": KernelFamily("adapter.cu", ("plain", "dropout")),
 }
 
 

@@ -14,7 +14,9 @@ Layout of this package (importing it never imports triton; kernels load on first
 - ``bone.py``: bone/mini kernels, ``bone_forward_launch`` / ``bone_backward_launch`` (typed config, dtypes and
   sizes -> every launch of the op), the host functions that call them and ``aot_cases()`` built from the same
   launch functions; ``bat.py``: the same for bat (``aot_cases()`` also returns the specialisations outside the
-  shipped inputs, checked but not stored);
+  shipped inputs, checked but not stored); ``adapter.py``: the bone/mini adapter term alone (group sum with fused
+  dropout, S D, and the backward's dx with the regenerated mask), reusing bone.py's group-sum, T and dblock kernels;
+- ``dropout.py``: the counter-based dropout mask of :mod:`bonekern.dropout` as a ``@triton.jit`` function;
 - ``resources.py``: compiles every module's ``aot_cases()`` for sm_80 / sm_90 / sm_100 without a GPU, checks registers,
   spills and shared memory, and keeps one baseline per Triton minor version,
   ``profiles/resources/triton-<X.Y>/triton_sm{80,90,100}.json``
@@ -41,6 +43,7 @@ from .common import interpreting
 
 class TritonBackend(Backend):
     name = "triton"
+    verify_before_use = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -86,3 +89,13 @@ class TritonBackend(Backend):
         from . import bat
 
         return bat.bat_backward(dy, x, weight, block, need_dx, need_dblock, config)
+
+    def adapter_forward(self, x, block, out_features, dropout, config):
+        from . import adapter
+
+        return adapter.adapter_forward(x, block, out_features, dropout, config)
+
+    def adapter_backward(self, dy, s, block, in_features, dropout, need_dx, need_dblock, config):
+        from . import adapter
+
+        return adapter.adapter_backward(dy, s, block, in_features, dropout, need_dx, need_dblock, config)

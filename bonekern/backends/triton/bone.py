@@ -66,7 +66,15 @@ from ...profiling import nvtx_range
 from ...validation import delta_dtype
 from ..base import OpProblem
 from .common import AOT_ENV, AotCase, KernelEnv, LaunchSpec, aot_case, needs_int64
-from .configs import BoneBackwardConfig, BoneForwardConfig, bone_backward_candidates, cdiv
+from .configs import (
+    BoneBackwardConfig,
+    BoneDblockConfig,
+    BoneForwardConfig,
+    BoneTConfig,
+    bone_backward_candidates,
+    cdiv,
+)
+from .dropout import DROPOUT_SCALARS, dropout_scalars, keep
 from .tiles import BONE_GEMM, BONE_SUM_SPLITS, SHIPPED_ARCHS, GemmTile, Tile, bone_group_sum_tiles, dtype_family
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +265,7 @@ def _bone_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
 def _group_sum_kernel(
     x_ptr,
     s_ptr,
@@ -268,6 +276,11 @@ def _group_sum_kernel(
     stride_xk,
     stride_sm,
     stride_sr,
+    SEED,
+    OFFSET_LO,
+    OFFSET_HI,
+    THRESHOLD,
+    DROPOUT: tl.constexpr,
     ONEHOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -276,11 +289,14 @@ def _group_sum_kernel(
     ACC_DTYPE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
-    """S[m-tile, r-tile] = sum over g of x[:, g*r + j] (first pass of "two_pass").
+    """S[m-tile, r-tile] = sum over g of x[:, g*r + j] (first pass of "two_pass", and the adapter's group sum).
 
     ONEHOT (r <= BLOCK_R, meant for r < 16): each (BLOCK_M, BLOCK_K) x tile is multiplied by the 0/1 matrix
     P[k, j] = (k % r == j), so any r reads x in wide contiguous tiles; "ieee" keeps the sums exact. Otherwise
     one r-tile of columns is summed over the G groups.
+
+    DROPOUT (adapter only): each loaded x tile is zeroed where :func:`dropout.keep` drops the element (the mask of
+    the spec SEED, OFFSET_LO, OFFSET_HI, THRESHOLD); the host multiplies S by 1 / (1 - p) afterwards.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -298,6 +314,8 @@ def _group_sum_kernel(
             cols = k0 + offs_k  # [BLOCK_K]
             # [BLOCK_M, BLOCK_K]
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
+            if DROPOUT:
+                x = tl.where(keep(offs_m, cols, K, SEED, OFFSET_LO, OFFSET_HI, THRESHOLD), x, 0.0)
             onehot = ((cols % R)[:, None] == offs_r[None, :]).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_R]
             s = tl.dot(x.to(DOT_DTYPE), onehot, s, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
@@ -307,6 +325,8 @@ def _group_sum_kernel(
             x = tl.load(
                 x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & (r_ok & (cols < K))[None, :], other=0.0
             )
+            if DROPOUT:
+                x = tl.where(keep(offs_m, cols, K, SEED, OFFSET_LO, OFFSET_HI, THRESHOLD), x, 0.0)
             s += x.to(ACC_DTYPE)
     s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr  # [BLOCK_M, BLOCK_R]
     tl.store(s_ptrs, s, mask=m_ok[:, None] & r_ok[None, :])
@@ -574,6 +594,50 @@ def _split_range(total: int, step: int, splits: int) -> tuple[int, int]:
     return per, cdiv(total, per)
 
 
+def group_sum_launch(
+    x_dtype: torch.dtype, block_dtype: torch.dtype, env: KernelEnv, *, m: int, r: int, dropout: bool
+) -> LaunchSpec:
+    """The group-sum kernel's launch for x (M, K) of ``x_dtype`` and block size ``r``: S (M, r) in the delta dtype,
+    with x dropped by a dropout spec given at the call when ``dropout`` (the adapter op; bone's "two_pass" never)."""
+    dt = kernel_dtypes(x_dtype, block_dtype, env)
+    gs = bone_group_sum_tiles(r, dtype_family(x_dtype))
+    return LaunchSpec(
+        kernel="bone_group_sum",
+        fn=_group_sum_kernel,
+        grid=(cdiv(m, gs.block_m), cdiv(r, gs.block_r)),
+        constexprs=dict(
+            DROPOUT=dropout,
+            ONEHOT=gs.onehot,
+            BLOCK_M=gs.block_m,
+            BLOCK_R=gs.block_r,
+            BLOCK_K=gs.block_k,
+            DOT_DTYPE=dt.dot if gs.onehot else dt.acc,
+            ACC_DTYPE=dt.acc,
+        ),
+        num_warps=gs.num_warps,
+        num_stages=gs.num_stages,
+    )
+
+
+def run_group_sum(launch: LaunchSpec, index_64: bool, x: torch.Tensor, s: torch.Tensor, dropout: Any = None) -> None:
+    """Launch ``launch`` (:func:`group_sum_launch`) writing S = group sums of x into ``s`` (M, r); ``dropout``: the
+    :class:`~bonekern.dropout.DropoutSpec` of a launch built with ``dropout=True`` (the sums are not yet scaled)."""
+    m, k = x.shape
+    launch(
+        index_64,
+        x_ptr=x,
+        s_ptr=s,
+        M=m,
+        K=k,
+        R=s.shape[1],
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_sm=s.stride(0),
+        stride_sr=s.stride(1),
+        **dropout_scalars(dropout),
+    )
+
+
 class BoneForwardLaunch(NamedTuple):
     """The launches of bone forward: the group-sum kernel (strategy "two_pass" only, else None), then the GEMM."""
 
@@ -597,22 +661,7 @@ def bone_forward_launch(
     dt = kernel_dtypes(x_dtype, block_dtype, env)
     group_sum = None
     if config.strategy == "two_pass":
-        gs = bone_group_sum_tiles(r, dtype_family(x_dtype))
-        group_sum = LaunchSpec(
-            kernel="bone_group_sum",
-            fn=_group_sum_kernel,
-            grid=(cdiv(m, gs.block_m), cdiv(r, gs.block_r)),
-            constexprs=dict(
-                ONEHOT=gs.onehot,
-                BLOCK_M=gs.block_m,
-                BLOCK_R=gs.block_r,
-                BLOCK_K=gs.block_k,
-                DOT_DTYPE=dt.dot if gs.onehot else dt.acc,
-                ACC_DTYPE=dt.acc,
-            ),
-            num_warps=gs.num_warps,
-            num_stages=gs.num_stages,
-        )
+        group_sum = group_sum_launch(x_dtype, block_dtype, env, m=m, r=r, dropout=False)
     tile = config.tile
     r_pow2 = r if config.strategy == "group" else 1
     forward = LaunchSpec(
@@ -640,34 +689,21 @@ def bone_forward_launch(
     return BoneForwardLaunch(group_sum, forward)
 
 
-class BoneBackwardLaunch(NamedTuple):
-    """The launches of bone backward: T = dY D^T in ``t_splits`` partials, then the dx GEMM (both only for dx);
+class AdapterGradLaunch(NamedTuple):
+    """The launches bone backward and the adapter backward share: T = dY D^T in ``t_splits`` partials (for dx),
     dblock = S^T F in ``m_splits`` partials, then their fixed-order sum (``dblock_sum``; None for one split)."""
 
     t: LaunchSpec
     t_splits: int
-    dx: LaunchSpec
     dblock: LaunchSpec
     m_splits: int
     dblock_sum: LaunchSpec | None
 
 
-def bone_backward_launch(
-    config: BoneBackwardConfig,
-    x_dtype: torch.dtype,
-    block_dtype: torch.dtype,
-    env: KernelEnv,
-    *,
-    m: int,
-    n: int,
-    k: int,
-    r: int,
-    c: int,
-) -> BoneBackwardLaunch:
-    """Every launch of bone backward for ``config``, dY (M, N) of ``x_dtype``, W (N, K), a block (r, C) of
-    ``block_dtype``."""
-    dt = kernel_dtypes(x_dtype, block_dtype, env)
-    tc, xc, bc = config.t, config.dx, config.dblock
+def adapter_grad_launch(
+    tc: BoneTConfig, bc: BoneDblockConfig, dt: KernelDtypes, *, m: int, n: int, r: int, c: int
+) -> AdapterGradLaunch:
+    """The T and dblock launches for dY (M, N) and a block (r, C) computed as ``dt`` says."""
     n_per_split, t_splits = _split_range(n, tc.tile.block_n, tc.split_n)
     t = LaunchSpec(
         kernel="bone_bwd_t",
@@ -683,23 +719,6 @@ def bone_backward_launch(
         num_warps=tc.tile.num_warps,
         num_stages=tc.tile.num_stages,
         scalars=dict(N_PER_SPLIT=n_per_split),
-    )
-    dx = LaunchSpec(
-        kernel="bone_bwd_dx",
-        fn=_bone_bwd_dx_kernel,
-        grid=(cdiv(m, xc.block_m) * cdiv(k, xc.block_k),),
-        constexprs=dict(
-            BLOCK_M=xc.block_m,
-            BLOCK_K=xc.block_k,
-            BLOCK_N=xc.block_n,
-            GROUP_M=xc.group_m,
-            DOT_DTYPE=dt.dot,
-            ACC_DTYPE=dt.acc,
-            PRECISION=dt.precision,
-        ),
-        num_warps=xc.num_warps,
-        num_stages=xc.num_stages,
-        scalars=dict(T_SPLITS=t_splits),
     )
     onehot = c < 16 and c < n
     block_c = 16 if onehot else bc.block_c
@@ -733,7 +752,108 @@ def bone_backward_launch(
             num_stages=BONE_SUM_SPLITS.num_stages,
             scalars=dict(NUMEL=r * c, SPLITS=m_splits),
         )
-    return BoneBackwardLaunch(t, t_splits, dx, dblock, m_splits, dblock_sum)
+    return AdapterGradLaunch(t, t_splits, dblock, m_splits, dblock_sum)
+
+
+class BoneBackwardLaunch(NamedTuple):
+    """The launches of bone backward: the shared T / dblock launches (``grads``) and the dx GEMM, which adds
+    dY W and T[:, k % r]."""
+
+    grads: AdapterGradLaunch
+    dx: LaunchSpec
+
+
+def bone_backward_launch(
+    config: BoneBackwardConfig,
+    x_dtype: torch.dtype,
+    block_dtype: torch.dtype,
+    env: KernelEnv,
+    *,
+    m: int,
+    n: int,
+    k: int,
+    r: int,
+    c: int,
+) -> BoneBackwardLaunch:
+    """Every launch of bone backward for ``config``, dY (M, N) of ``x_dtype``, W (N, K), a block (r, C) of
+    ``block_dtype``."""
+    dt = kernel_dtypes(x_dtype, block_dtype, env)
+    grads = adapter_grad_launch(config.t, config.dblock, dt, m=m, n=n, r=r, c=c)
+    xc = config.dx
+    dx = LaunchSpec(
+        kernel="bone_bwd_dx",
+        fn=_bone_bwd_dx_kernel,
+        grid=(cdiv(m, xc.block_m) * cdiv(k, xc.block_k),),
+        constexprs=dict(
+            BLOCK_M=xc.block_m,
+            BLOCK_K=xc.block_k,
+            BLOCK_N=xc.block_n,
+            GROUP_M=xc.group_m,
+            DOT_DTYPE=dt.dot,
+            ACC_DTYPE=dt.acc,
+            PRECISION=dt.precision,
+        ),
+        num_warps=xc.num_warps,
+        num_stages=xc.num_stages,
+        scalars=dict(T_SPLITS=grads.t_splits),
+    )
+    return BoneBackwardLaunch(grads, dx)
+
+
+def run_t(launch: AdapterGradLaunch, index_64: bool, dy: torch.Tensor, block: torch.Tensor, t: torch.Tensor) -> None:
+    """Write the T partials (t_splits, M, r) = dY D^T into ``t``."""
+    m, n = dy.shape
+    r, c = block.shape
+    with nvtx_range("bonekern.triton.bone_bwd_t"):
+        launch.t(
+            index_64,
+            dy_ptr=dy,
+            d_ptr=block,
+            t_ptr=t,
+            M=m,
+            N=n,
+            R=r,
+            C=c,
+            stride_dym=dy.stride(0),
+            stride_dyn=dy.stride(1),
+            stride_dr=block.stride(0),
+            stride_dc=block.stride(1),
+            stride_ts=t.stride(0),
+            stride_tm=t.stride(1),
+            stride_tr=t.stride(2),
+        )
+
+
+def run_dblock(launch: AdapterGradLaunch, dy: torch.Tensor, s: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """dblock = S^T dY folded over mini's repeats: (r, C) in the block's dtype (partials summed in a fixed order)."""
+    m, n = dy.shape
+    r, c = block.shape
+    dblock = torch.empty((r, c), dtype=block.dtype, device=block.device)
+    one = launch.m_splits == 1
+    part = dblock if one else torch.empty((launch.m_splits, r, c), dtype=s.dtype, device=dy.device)
+    stride_os, stride_or, stride_oc = (0, *part.stride()) if one else part.stride()
+    with nvtx_range("bonekern.triton.bone_bwd_dblock"):
+        launch.dblock(
+            needs_int64(s, dy, part),
+            s_ptr=s,
+            dy_ptr=dy,
+            out_ptr=part,
+            M=m,
+            N=n,
+            R=r,
+            C=c,
+            stride_sm=s.stride(0),
+            stride_sr=s.stride(1),
+            stride_dym=dy.stride(0),
+            stride_dyn=dy.stride(1),
+            stride_os=stride_os,
+            stride_or=stride_or,
+            stride_oc=stride_oc,
+        )
+    if launch.dblock_sum is not None:
+        with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
+            launch.dblock_sum(needs_int64(part), part_ptr=part, out_ptr=dblock)
+    return dblock
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -760,18 +880,7 @@ def bone_forward(
     index_64 = needs_int64(x, weight, block, y, s)
     if launch.group_sum is not None:
         with nvtx_range("bonekern.triton.bone_group_sum"):
-            launch.group_sum(
-                index_64,
-                x_ptr=x,
-                s_ptr=s,
-                M=m,
-                K=k,
-                R=r,
-                stride_xm=x.stride(0),
-                stride_xk=x.stride(1),
-                stride_sm=s.stride(0),
-                stride_sr=s.stride(1),
-            )
+            run_group_sum(launch.group_sum, index_64, x, s)
     with nvtx_range(f"bonekern.triton.bone_fwd[{config.strategy}]"):
         launch.forward(
             index_64,
@@ -821,27 +930,10 @@ def bone_backward(
     delta = delta_dtype(dy.dtype, block.dtype)
     dx = dblock = None
     if need_dx:
-        t = torch.empty((launch.t_splits, m, r), dtype=delta, device=dy.device)
+        t = torch.empty((launch.grads.t_splits, m, r), dtype=delta, device=dy.device)
         dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
         index_64 = needs_int64(dy, weight, block, t, dx)
-        with nvtx_range("bonekern.triton.bone_bwd_t"):
-            launch.t(
-                index_64,
-                dy_ptr=dy,
-                d_ptr=block,
-                t_ptr=t,
-                M=m,
-                N=n,
-                R=r,
-                C=c,
-                stride_dym=dy.stride(0),
-                stride_dyn=dy.stride(1),
-                stride_dr=block.stride(0),
-                stride_dc=block.stride(1),
-                stride_ts=t.stride(0),
-                stride_tm=t.stride(1),
-                stride_tr=t.stride(2),
-            )
+        run_t(launch.grads, index_64, dy, block, t)
         with nvtx_range("bonekern.triton.bone_bwd_dx"):
             launch.dx(
                 index_64,
@@ -864,31 +956,7 @@ def bone_backward(
                 stride_dxk=dx.stride(1),
             )
     if need_dblock:
-        dblock = torch.empty((r, c), dtype=block.dtype, device=block.device)
-        one = launch.m_splits == 1
-        part = dblock if one else torch.empty((launch.m_splits, r, c), dtype=delta, device=dy.device)
-        stride_os, stride_or, stride_oc = (0, *part.stride()) if one else part.stride()
-        with nvtx_range("bonekern.triton.bone_bwd_dblock"):
-            launch.dblock(
-                needs_int64(s, dy, part),
-                s_ptr=s,
-                dy_ptr=dy,
-                out_ptr=part,
-                M=m,
-                N=n,
-                R=r,
-                C=c,
-                stride_sm=s.stride(0),
-                stride_sr=s.stride(1),
-                stride_dym=dy.stride(0),
-                stride_dyn=dy.stride(1),
-                stride_os=stride_os,
-                stride_or=stride_or,
-                stride_oc=stride_oc,
-            )
-        if launch.dblock_sum is not None:
-            with nvtx_range("bonekern.triton.bone_bwd_dblock_sum"):
-                launch.dblock_sum(needs_int64(part), part_ptr=part, out_ptr=dblock)
+        dblock = run_dblock(launch.grads, dy, s, block)
     return dx, dblock
 
 
@@ -954,11 +1022,11 @@ def _small_cases(dtype: torch.dtype) -> list[AotCase]:
         cases.append(aot_case(gs, _aot_pointers("bone_group_sum", dtype, f32), name, dtype, SHIPPED_ARCHS))
     for r in (8, 64):  # block_r 16, 64
         launches = {c: _backward_launch(SHIPPED_ARCHS[-1], dtype, r, c) for c in (8, 64)}  # block_c 16 (one-hot), 64
-        t = launches[64].t
+        t = launches[64].grads.t
         block_r = t.constexprs["BLOCK_R"]
         cases.append(aot_case(t, _aot_pointers("bone_bwd_t", dtype, f32), f"r{block_r}", dtype, SHIPPED_ARCHS))
         for launch in launches.values():
-            db = launch.dblock
+            db = launch.grads.dblock
             onehot = ".onehot" if db.constexprs["ONEHOT"] else ""
             name = f"r{block_r}.c{db.constexprs['BLOCK_C']}{onehot}"
             cases.append(aot_case(db, _aot_pointers("bone_bwd_dblock", dtype, f32), name, dtype, SHIPPED_ARCHS))
@@ -993,7 +1061,7 @@ def aot_cases() -> list[AotCase]:
                 cases.append(aot_case(dx, _aot_pointers("bone_bwd_dx", dtype, f32), name, dtype, tuple(archs)))
             cases += _small_cases(dtype)
     for out in (torch.float32, torch.bfloat16):
-        total = _backward_launch(SHIPPED_ARCHS[-1], out, 64, 64).dblock_sum
+        total = _backward_launch(SHIPPED_ARCHS[-1], out, 64, 64).grads.dblock_sum
         name = f"block{total.constexprs['BLOCK']}"
         cases.append(aot_case(total, _aot_pointers("bone_bwd_dblock_sum", out, f32, out), name, out, SHIPPED_ARCHS))
     return cases

@@ -20,10 +20,13 @@ kernels do not read it):
   "build" is the W' build kernel's tile (no block_m);
 - bat backward: {"strategy", "form_precision", "gemm", "dx": {GEMM tile}, "build": {...}, "dblock": {GEMM tile,
   "split_k", "reduce", "precision"}, "tiles"}; dx's block_n is its reduction step over N, its block_k the width of
-  its output columns. bat's block_n / block_k count lanes of W's rows / columns that the kernels fit to r.
+  its output columns. bat's block_n / block_k count lanes of W's rows / columns that the kernels fit to r;
+- adapter forward: {"block_m", "block_n", "num_warps", "num_stages", "block_r", "tiles"}: the delta = S D kernel;
+- adapter backward: {"dx": {"block_m", "block_k", "num_warps", "num_stages"}, "t": {...}, "dblock": {...}, "tiles"}:
+  the element-wise dx kernel, and T / dblock as in bone backward.
 
-Bad dicts raise ValueError naming the entry (TypeError when the config is not a dict at all). bone configs must be
-complete; a bat config may leave entries out, which :func:`prepare` takes from the problem's default.
+Bad dicts raise ValueError naming the entry (TypeError when the config is not a dict at all). bone and adapter
+configs must be complete; a bat config may leave entries out, which :func:`prepare` takes from the problem's default.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any, ClassVar
 from ..base import Config, OpProblem
 from .common import sm_count
 from .tiles import (
+    ADAPTER_DELTA,
+    ADAPTER_DX,
     BAT_R_CLASSES,
     BONE_ADAPTER,
     BONE_FORWARD_STRATEGIES,
@@ -51,6 +56,8 @@ from .tiles import (
 
 __all__ = [
     "BAT_R_CLASSES",
+    "AdapterBackwardConfig",
+    "AdapterForwardConfig",
     "BatBackwardConfig",
     "BatDblockConfig",
     "BatForwardConfig",
@@ -291,8 +298,8 @@ def bone_dx_tile(tile: Tile) -> GemmTile:
     return GemmTile(tile.block_m, tile.block_k, tile.block_n, tile.num_warps, tile.num_stages)
 
 
-def bone_backward_candidates(problem: OpProblem, arch: str) -> list[BoneBackwardConfig]:
-    """The dx GEMM takes each shipped tile set, default first; T and dblock get split counts that fill about two
+def bone_small_configs(problem: OpProblem, arch: str) -> tuple[BoneTConfig, BoneDblockConfig]:
+    """The T and dblock kernels' configs (bone backward and the adapter backward): split counts that fill about two
     waves of the GPU (one split on the interpreter)."""
     small = BONE_ADAPTER[(arch, dtype_family(problem.dtype))]
     block_r = bone_adapter_block(problem.r)
@@ -304,7 +311,82 @@ def bone_backward_candidates(problem: OpProblem, arch: str) -> list[BoneBackward
     d_split = max(1, min(cdiv(target, d_programs), cdiv(problem.m, 4 * small.block_m)))
     t = BoneTConfig(dataclasses.replace(small, num_stages=min(BONE_T_MAX_STAGES, small.num_stages)), block_r, t_split)
     dblock = BoneDblockConfig(small, block_r, block_c, d_split)
+    return t, dblock
+
+
+def bone_backward_candidates(problem: OpProblem, arch: str) -> list[BoneBackwardConfig]:
+    """The dx GEMM takes each shipped tile set, default first; T and dblock as :func:`bone_small_configs`."""
+    t, dblock = bone_small_configs(problem, arch)
     return [BoneBackwardConfig(bone_dx_tile(tile), t, dblock, tile.name) for tile, _ in _bone_gemm_tiles(problem, arch)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the adapter term alone (adapter.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterForwardConfig:
+    """Adapter forward: the delta = S D kernel's ``tile`` (block_m x block_n of delta (M, N)) and ``block_r``, its
+    step over r. The group sum before it is not tuned (``tiles.bone_group_sum_tiles``). ``label``: "tiles"."""
+
+    tile: Tile
+    block_r: int
+    label: str | None = None
+
+    OP: ClassVar[str] = "adapter_forward"
+    WHERE: ClassVar[str] = "Triton adapter forward config"
+
+    def to_dict(self) -> Config:
+        return _with_label({**self.tile.to_dict(), "block_r": self.block_r}, self.label)
+
+    @staticmethod
+    def from_dict(config: Config) -> AdapterForwardConfig:
+        keys = ("block_m", "block_n", *_TILE, "block_r", *_LABEL)
+        read = _Reader(AdapterForwardConfig.WHERE, config, keys, nested=False)
+        return AdapterForwardConfig(read.tile("mn"), read.block("block_r"), read.label())
+
+
+@dataclass(frozen=True)
+class AdapterBackwardConfig:
+    """Adapter backward: the T and dblock kernels (as bone backward's) and the element-wise ``dx`` kernel's tile
+    (block_m x block_k of dx (M, K)). ``label``: "tiles"."""
+
+    dx: Tile
+    t: BoneTConfig
+    dblock: BoneDblockConfig
+    label: str | None = None
+
+    OP: ClassVar[str] = "adapter_backward"
+    WHERE: ClassVar[str] = "Triton adapter backward config"
+
+    def to_dict(self) -> Config:
+        parts = {"dx": self.dx.to_dict(), "t": self.t.to_dict(), "dblock": self.dblock.to_dict()}
+        return _with_label(parts, self.label)
+
+    @staticmethod
+    def from_dict(config: Config) -> AdapterBackwardConfig:
+        read = _Reader(AdapterBackwardConfig.WHERE, config, ("dx", "t", "dblock", *_LABEL), nested=False)
+        return AdapterBackwardConfig(
+            read.sub("dx", ("block_m", "block_k", *_TILE)).tile("mk"),
+            BoneTConfig.read(read.sub("t", ("block_m", "block_n", *_TILE, "block_r", "split_n"))),
+            BoneDblockConfig.read(read.sub("dblock", ("block_m", "block_n", *_TILE, "block_r", "block_c", "split_m"))),
+            read.label(),
+        )
+
+
+def adapter_forward_candidates(problem: OpProblem, arch: str) -> list[AdapterForwardConfig]:
+    """Each shipped delta tile set of the family, default first; r in 16- or 64-wide steps."""
+    block_r = bone_adapter_block(problem.r)
+    shipped = ADAPTER_DELTA[(arch, dtype_family(problem.dtype))]
+    return [AdapterForwardConfig(tile, block_r, tile.name) for tile in shipped]
+
+
+def adapter_backward_candidates(problem: OpProblem, arch: str) -> list[AdapterBackwardConfig]:
+    """One config: the architecture's dx tile and the T / dblock configs of :func:`bone_small_configs`."""
+    t, dblock = bone_small_configs(problem, arch)
+    dx = ADAPTER_DX[arch]
+    return [AdapterBackwardConfig(dx, t, dblock, dx.name)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,13 +559,22 @@ def _complete(config: Any, default: Config, where: str) -> Config:
 # Per op: the backend's entry points
 # ----------------------------------------------------------------------------------------------------------
 
-TritonConfig = BoneForwardConfig | BoneBackwardConfig | BatForwardConfig | BatBackwardConfig
+TritonConfig = (
+    BoneForwardConfig
+    | BoneBackwardConfig
+    | BatForwardConfig
+    | BatBackwardConfig
+    | AdapterForwardConfig
+    | AdapterBackwardConfig
+)
 
 CONFIG_TYPES: dict[str, type] = {
     "bone_forward": BoneForwardConfig,
     "bone_backward": BoneBackwardConfig,
     "bat_forward": BatForwardConfig,
     "bat_backward": BatBackwardConfig,
+    "adapter_forward": AdapterForwardConfig,
+    "adapter_backward": AdapterBackwardConfig,
 }
 """op -> its config dataclass."""
 
@@ -492,6 +583,8 @@ _CANDIDATES = {
     "bone_backward": bone_backward_candidates,
     "bat_forward": bat_forward_candidates,
     "bat_backward": bat_backward_candidates,
+    "adapter_forward": adapter_forward_candidates,
+    "adapter_backward": adapter_backward_candidates,
 }
 
 

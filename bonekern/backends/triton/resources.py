@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel x shipped config x dtype for sm_80, sm_90 and sm_100, with no GPU.
 
-For each :class:`~bonekern.backends.triton.common.AotCase` that a kernel module's ``aot_cases()`` returns (bone.py
-and bat.py, :data:`KERNEL_MODULES`), and each target whose config family (:data:`FAMILY`) ships the case,
+For each :class:`~bonekern.backends.triton.common.AotCase` that a kernel module's ``aot_cases()`` returns (bone.py,
+bat.py and adapter.py, :data:`KERNEL_MODULES`), and each target whose config family (:data:`FAMILY`) ships the case,
 ``triton.compile`` builds the cubin for ``GPUTarget("cuda", 80|90|100, 32)``; shared memory comes from the compiled
 metadata, registers and spills from the log of the ptxas Triton itself runs (its bundled ``ptxas``, CUDA 12.8, below
 sm_100; its ``ptxas-blackwell``, CUDA 13.1, from sm_100 on; the system ptxas is too old for Triton's PTX). For sm_90
@@ -44,11 +44,11 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from autotune.argtypes import positive_int, run_guarded
+from autotune.argtypes import run_guarded, up_to_cpus
 
 from .common import AotCase
 
-KERNEL_MODULES: tuple[str, ...] = ("bone", "bat")
+KERNEL_MODULES: tuple[str, ...] = ("bone", "bat", "adapter")
 """Modules of this package whose ``aot_cases()`` are compiled (each returns a list of AotCase)."""
 
 ARCHS: dict[str, int] = {"sm80": 80, "sm90": 90, "sm100": 100}
@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="regenerate the baseline JSON files")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="only this architecture")
     parser.add_argument("--only", help="only cases whose key contains this string (not with --write)")
-    parser.add_argument("--processes", type=positive_int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--processes", type=up_to_cpus, default=None, help="worker processes, at most the CPUs (default: CPU count)"
+    )
     args = parser.parse_args(argv)
     if args.write and args.only:
         parser.error("--write regenerates whole baselines; drop --only")

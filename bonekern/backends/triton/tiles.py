@@ -205,6 +205,30 @@ BONE_SUM_SPLITS = Tile.parse("n1024w4s1")
 program."""
 
 # ----------------------------------------------------------------------------------------------------------
+# the adapter term alone (adapter.py)
+# ----------------------------------------------------------------------------------------------------------
+
+ADAPTER_DELTA: dict[tuple[str, str], tuple[Tile, ...]] = {
+    # delta = S D (M, N): a write-bound kernel (r MACs per written element); wide n tiles for long stores.
+    ("sm90", "half"): tiles("m64n128w4s1", "m128n128w8s1"),
+    ("sm80", "half"): tiles("m64n128w4s1", "m128n128w8s1"),
+    ("sm90", "fp32"): tiles("m64n64w4s1", "m32n128w4s1"),
+    ("sm80", "fp32"): tiles("m64n64w4s1", "m32n128w4s1"),
+    ("interpreter", "half"): tiles("m32n32w4s1"),
+    ("interpreter", "fp32"): tiles("m32n32w4s1"),
+}
+"""Per (architecture family, dtype family): the tile sets of the adapter forward's delta = S D kernel, default first
+(block_m tokens x block_n output columns; the r reduction runs in :func:`bone_adapter_block` (r)-wide steps)."""
+
+ADAPTER_DX: dict[str, Tile] = {
+    "sm90": Tile.parse("m16k256w4s1"),
+    "sm80": Tile.parse("m16k256w4s1"),
+    "interpreter": Tile.parse("m16k32w4s1"),
+}
+"""Per architecture family: the adapter backward's dx kernel (dx[m, k] = T[m, k % r] * keep / (1 - p), element-wise:
+block_m rows x block_k columns per program)."""
+
+# ----------------------------------------------------------------------------------------------------------
 # bat (bat.py)
 # ----------------------------------------------------------------------------------------------------------
 #

@@ -1,6 +1,7 @@
 // Bone / mini epilogues, both in place on a tensor cuBLAS has just written:
 //
 //   bk_bone_add_adapter:  y[m, n] += sum_c S[m, c] * D[c, n % C]        (forward: y = x W^T + b already there)
+//   bk_bone_write_adapter: y[m, n]  = sum_c S[m, c] * D[c, n % C]        (the adapter term alone: adapter.cu)
 //   bk_bone_add_grouped:  dx[m, k] += T[m, k % r]                        (backward: dx = dY W already there,
 //                                                                          T = dY D^T of shape (M, r))
 //
@@ -10,8 +11,9 @@
 
 namespace bk {
 
-// Tiled rank-r product added into y (M, N) with row stride y_row_stride. Grid: one block per BM x BN tile.
-template <typename T, typename A, class TileT>
+// Tiled rank-r product added into y (M, N) with row stride y_row_stride (kAdd), or written there (the adapter
+// term alone: y is not read). Grid: one block per BM x BN tile.
+template <typename T, typename A, class TileT, bool kAdd = true>
 __device__ __forceinline__ void bone_add_adapter(T* __restrict__ y, const A* __restrict__ s, const A* __restrict__ d,
                                                  i64 m_size, i64 n_size, i64 y_row_stride, i64 r, i64 cols) {
     BK_CHECK(blockDim.x == TileT::kThreads && blockDim.y == 1 && blockDim.z == 1);
@@ -29,7 +31,7 @@ __device__ __forceinline__ void bone_add_adapter(T* __restrict__ y, const A* __r
             const i64 n = t.n0 + tile_col<TileT>(j);
             if (m < m_size && n < n_size) {
                 T* p = y + m * y_row_stride + n;
-                *p = narrow<T>(widen<A>(*p) + acc[i][j]);
+                *p = kAdd ? narrow<T>(widen<A>(*p) + acc[i][j]) : narrow<T>(acc[i][j]);
             }
         }
     }
@@ -66,6 +68,13 @@ __device__ __forceinline__ void bone_add_grouped(T* __restrict__ dx, const A* __
         bk::bone_add_adapter<T, A, TILE>(y, s, d, m_size, n_size, y_row_stride, r, cols);                     \
     }
 
+#define BK_WRITE_ADAPTER_KERNEL(TILE_NAME, TILE, SUF, T, A)                                                     \
+    extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)                        \
+        bk_bone_write_adapter_##SUF##_##TILE_NAME(T* y, const A* s, const A* d, bk::i64 m_size, bk::i64 n_size, \
+                                                  bk::i64 y_row_stride, bk::i64 r, bk::i64 cols) {              \
+        bk::bone_add_adapter<T, A, TILE, false>(y, s, d, m_size, n_size, y_row_stride, r, cols);                \
+    }
+
 #define BK_ADD_GROUPED_KERNEL(SUF, T, A, NAME, V)                                         \
     extern "C" __global__ void __launch_bounds__(bk::kBlockThreads, bk::kMinBlocksPerSM)  \
         bk_bone_add_grouped_##SUF##_##NAME(T* dx, const A* t, bk::i64 rows, bk::i64 cols, \
@@ -76,6 +85,8 @@ __device__ __forceinline__ void bone_add_grouped(T* __restrict__ dx, const A* __
 #define BK_BONE_KERNELS(SUF, T, A)                          \
     BK_ADD_ADAPTER_KERNEL(t64x64, bk::Tile64x64, SUF, T, A) \
     BK_ADD_ADAPTER_KERNEL(t32x32, bk::Tile32x32, SUF, T, A) \
+    BK_WRITE_ADAPTER_KERNEL(t64x64, bk::Tile64x64, SUF, T, A) \
+    BK_WRITE_ADAPTER_KERNEL(t32x32, bk::Tile32x32, SUF, T, A) \
     BK_ADD_GROUPED_KERNEL(SUF, T, A, scalar, 1)             \
     BK_ADD_GROUPED_KERNEL(SUF, T, A, vec16, bk::kVec16<T>)
 
