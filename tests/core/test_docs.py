@@ -19,7 +19,17 @@ CITED_PAGE = re.compile(r"\bdocs/([\w.-]+\.md)\b")
 LINKED_PAGE = re.compile(r"\]\(([\w.-]+\.md)\)")
 
 
-_SKIP_DIRS = {".git", ".venv", ".hypothesis", ".pytest_cache", ".ruff_cache", "__pycache__", "build", "dist"}
+_SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".venv-triton36",
+    ".hypothesis",
+    ".pytest_cache",
+    ".ruff_cache",
+    "__pycache__",
+    "build",
+    "dist",
+}
 
 
 def tracked_files() -> list[Path]:
