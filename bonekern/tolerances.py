@@ -20,8 +20,9 @@ Three comparisons use it, and they need different numbers because they compare d
   than ``vs_reference`` because PEFT rounds differently (with fp32 adapters it builds bat's W' and runs the GEMM
   in fp32, where bonekern uses x's dtype) and K is large.
 
-- ``CONVERGENCE`` (tests/integrations/test_convergence.py, test_integration_zero3.py): two short training runs of the same tiny model, one
-  on PEFT's MiSS forward and one on bonekern, through transformers' Trainer / TRL's SFTTrainer with AdamW. Measures:
+- ``CONVERGENCE`` (tests/integrations/test_convergence.py; test_integration_zero3.py, 20 SGD steps under ZeRO-3):
+  two short training runs of the same tiny model, one on PEFT's MiSS forward and one on bonekern, through
+  transformers' Trainer / TRL's SFTTrainer with AdamW. Measures:
   per-step loss max |a - b| / |b|, and the final adapters ||a - b|| / ||b|| (Frobenius, all adapters together).
   Differences of one rounding per step compound over the steps, and AdamW divides each update by the root of the
   squared gradients, so a gradient element near zero whose sign flips moves its weight by a full learning-rate
