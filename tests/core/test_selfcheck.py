@@ -114,9 +114,7 @@ def test_verify_cost_step_times_fresh_and_known_verdicts():
     step = selfcheck.verify_cost(torch.device("cpu"), ("triton", "cupy"), shapes)
     assert step.status == "passed", step
     rows = step.data["checks"]
-    assert {(r["backend"], r["op"]) for r in rows} == {
-        (b, op) for b in ("triton", "cupy") for op in ("bone_forward", "bone_backward", "bat_forward", "bat_backward")
-    }
+    assert {(r["backend"], r["op"]) for r in rows} == {(b, op) for b in ("triton", "cupy") for op in OPS}
     assert all(r["ok"] and r["known_s"] < r["first_s"] for r in rows)
 
 
