@@ -60,6 +60,8 @@ def cli_env(tmp_path, monkeypatch):
     monkeypatch.setenv("BONEKERN_AUTOTUNE", "0")
     monkeypatch.delenv("BONEKERN_AUTOTUNE_PROFILE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # Hostile values double as relative paths (`export --out-dir abc` creates ./abc): run where they may land.
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "not-json.json").write_text("{nope")
     return tmp_path
