@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import HASH_MUL1, HASH_MUL2, HI_SALT, MASK32, UNIFORM_BITS, DropoutSpec, keep_mask, mix32
+from .dropout import HASH_MUL1, HASH_MUL2, MASK32, UNIFORM_BITS, DropoutSpec, band_key, keep_mask
 from .validation import delta_dtype
 
 MERGE_CHUNK_ROWS = 4096
@@ -84,10 +84,9 @@ def _xor_shifted_(x: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
     x ^= scratch
 
 
-def _mix32_int32_(x: torch.Tensor) -> torch.Tensor:
+def _mix32_int32_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """In place: :func:`bonekern.dropout.mix32` on int32 tensors holding 32-bit patterns. Multiplication wraps
-    modulo 2**32 in int32; right shifts are made logical by masking the sign-extended bits. One scratch tensor."""
-    scratch = torch.empty_like(x)
+    modulo 2**32 in int32; right shifts are made logical by masking the sign-extended bits."""
     _xor_shifted_(x, 16, scratch)
     x *= _signed32(HASH_MUL1)
     _xor_shifted_(x, 15, scratch)
@@ -96,38 +95,85 @@ def _mix32_int32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def keep_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The keep mask of rows ``rows = (start, stop)`` of an (M, K) input: bit-identical to
-    :func:`bonekern.dropout.keep_mask`, computed with int32 arithmetic (about a third of the oracle's work).
+_COUNTER_BASE: dict[torch.device, torch.Tensor] = {}
+"""Per device, ``arange(n)`` in int32 for the longest band asked for so far (a band's counters are this plus one
+scalar: an add is several times cheaper than a fresh ``arange``). At most :data:`DROPOUT_BAND_ELEMENTS` or one row
+of K elements, 1 MiB at the default band."""
 
-    The counters of a band share their upper 32 bits unless the band crosses a multiple of 2**32; then, rarely,
-    the oracle itself computes the band.
+
+def _counter_base(count: int, device: torch.device) -> torch.Tensor:
+    base = _COUNTER_BASE.get(device)
+    if base is None or base.numel() < count:
+        base = torch.arange(max(count, DROPOUT_BAND_ELEMENTS), dtype=torch.int32, device=device)
+        _COUNTER_BASE[device] = base
+    return base[:count]
+
+
+def keep_bits_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The keep mask of rows ``rows = (start, stop)`` of an (M, K) input as int32 bit masks, (rows, K): -1 (all
+    bits set) where :func:`bonekern.dropout.keep_mask` keeps the element, 0 where it drops it.
+
+    A bit mask, not a bool: ANDed with a tensor's bit pattern (:func:`_masked_bits`) it zeroes the dropped
+    elements in one pass, where ``torch.where`` or a bool multiply costs several times more on the CPU. Computed
+    with int32 arithmetic, in place on two band-sized tensors (the counters and one scratch). The counters of a
+    band share their upper 32 bits unless the band crosses a multiple of 2**32; then, rarely, the oracle itself
+    computes the band.
     """
     i0, i1 = rows
     first = spec.offset + i0 * k
     count = (i1 - i0) * k
     if count == 0 or (first >> 32) != ((first + count - 1) >> 32):
-        return keep_mask(spec, i1, k, device, rows=rows)
-    hi = torch.tensor(((first >> 32) ^ HI_SALT) & MASK32, dtype=torch.int64)
-    key = int(mix32((spec.seed & MASK32) ^ mix32(hi)))
-    u = torch.arange(count, dtype=torch.int32, device=device)  # lo32(c) - lo32(first); no lo32 wraps in a band
-    u += _signed32(first & MASK32)
+        keep = keep_mask(spec, i1, k, device, rows=rows)
+        return keep.to(torch.int32).neg_()
+    key = band_key(spec.seed, first >> 32)
+    u = torch.add(_counter_base(count, device), _signed32(first & MASK32))  # lo32(c); no lo32 wraps in a band
     u ^= _signed32(key)
-    _mix32_int32_(u)
-    keep = ((u >> 8) & ((1 << UNIFORM_BITS) - 1)) >= spec.threshold
-    return keep.view(i1 - i0, k)
+    scratch = torch.empty_like(u)
+    _mix32_int32_(u, scratch)
+    # keep <=> (u >>> 8) >= threshold <=> the sign bit of (u >>> 8) - threshold is clear (no overflow: both
+    # are below 2**24); an arithmetic shift by 31 spreads that bit, giving -1 for dropped, 0 for kept.
+    torch.bitwise_right_shift(u, 8, out=scratch)
+    scratch &= (1 << UNIFORM_BITS) - 1
+    scratch -= spec.threshold
+    scratch >>= 31
+    return scratch.bitwise_not_().view(i1 - i0, k)
+
+
+def keep_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """:func:`keep_bits_band` as a bool mask (rows, K): bit-identical to :func:`bonekern.dropout.keep_mask`."""
+    return keep_bits_band(spec, k, rows, device) != 0
+
+
+_INT_OF_SIZE: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Element size in bytes -> the integer dtype a float tensor's bit pattern is viewed as."""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit pattern: a view of t as the integer dtype of its element size (any strides)."""
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def _masked_bits(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` (int32 -1 / 0) widened or narrowed to ``bits``' integer dtype (-1 stays all ones)."""
+    return keep if keep.dtype == bits.dtype else keep.to(bits.dtype)
 
 
 def group_sum_dropped(
     x: torch.Tensor, r: int, dtype: torch.dtype, dropout: DropoutSpec, band_elements: int = DROPOUT_BAND_ELEMENTS
 ) -> torch.Tensor:
     """S (M, r) in ``dtype`` of ``x * keep / (1 - p)``: :func:`group_sum` of the dropped input, the mask generated
-    one row band at a time (never an M x K mask or dropped copy of x)."""
+    one row band at a time (never an M x K mask or dropped copy of x). Dropped elements are zeroed through their
+    bit pattern (a NaN there becomes 0, as with ``torch.where``; kept NaN and Inf propagate)."""
     m, k = x.shape
     s = torch.empty(m, r, dtype=dtype, device=x.device)
     for i0, i1 in dropout_bands(m, k, band_elements):
-        mask = keep_band(dropout, k, (i0, i1), x.device)  # [band, K]
-        band = torch.where(mask, x[i0:i1].to(dtype), 0.0)  # [band, K], a new tensor (never x itself)
+        keep = keep_bits_band(dropout, k, (i0, i1), x.device)  # [band, K] int32 -1 / 0
+        values = x[i0:i1]
+        if values.dtype == dtype:  # AND into a new band tensor (never x itself)
+            band = torch.bitwise_and(_bits(values), _masked_bits(_bits(values), keep)).view(dtype)  # [band, K]
+        else:  # the cast is the new tensor; AND in place
+            band = values.to(dtype)  # [band, K]
+            _bits(band).bitwise_and_(_masked_bits(_bits(band), keep))
         s[i0:i1] = group_sum(band, r, dtype)
     return s.mul_(dropout.scale)  # the 1 / (1 - p) scale applied to S (M x r), not to every element
 
@@ -147,10 +193,21 @@ def spread_dropped(
     if dropout is None:
         dx.copy_(t.repeat(1, groups)[:, :k])
         return dx
-    t = t * dropout.scale  # (M, r): the scale applied once per row group, not per element
+    # (M, r): the scale applied once per row group, not per element; cast once (masking commutes with the cast)
+    ts_bits = _bits((t * dropout.scale).to(out_dtype))
+    dx_bits = _bits(dx)
+    full = k // r
     for i0, i1 in dropout_bands(m, k, band_elements):
-        mask = keep_band(dropout, k, (i0, i1), t.device)  # [band, K]
-        dx[i0:i1] = t[i0:i1].repeat(1, groups)[:, :k].mul_(mask)  # [band, K], cast to dx's dtype on the copy
+        keep = _masked_bits(dx_bits, keep_bits_band(dropout, k, (i0, i1), t.device))  # [band, K]
+        rows = i1 - i0
+        if full:  # [band, full, r] = [band, 1, r] & [band, full, r]: broadcast, no repeated copy of t
+            torch.bitwise_and(
+                ts_bits[i0:i1, None, :],
+                keep[:, : full * r].view(rows, full, r),
+                out=dx_bits[i0:i1, : full * r].view(rows, full, r),
+            )
+        if full * r < k:  # the zero-padded last group: its first k - full * r columns
+            torch.bitwise_and(ts_bits[i0:i1, : k - full * r], keep[:, full * r :], out=dx_bits[i0:i1, full * r :])
     return dx
 
 

@@ -102,6 +102,20 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def mix32_scalar(value: int) -> int:
+    """:func:`mix32` of one Python int in [0, 2**32) (a band's key: no tensor round trip for a scalar)."""
+    value ^= value >> 16
+    value = (value * HASH_MUL1) & MASK32
+    value ^= value >> 15
+    value = (value * HASH_MUL2) & MASK32
+    return value ^ (value >> 16)
+
+
+def band_key(seed: int, high: int) -> int:
+    """The key of every counter whose upper 32 bits are ``high``: ``mix(seed ^ mix(high ^ HI_SALT))``."""
+    return mix32_scalar((seed & MASK32) ^ mix32_scalar((high ^ HI_SALT) & MASK32))
+
+
 def keep_mask(
     spec: DropoutSpec, m: int, k: int, device: torch.device | str = "cpu", rows: tuple[int, int] | None = None
 ) -> torch.Tensor:

@@ -108,6 +108,32 @@ def test_banded_masks_equal_the_whole_mask():
     torch.testing.assert_close(spread_dropped(t, 29, torch.float64, spec, band_elements=50), want, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_bit_masked_bands_zero_dropped_and_keep_nan_inf(x_dtype):
+    """group_sum_dropped / spread_dropped zero dropped elements through their bit pattern in every width (the
+    cast path for half x, int16 / int64 masks): equal to the float64 reference on the same mask; a NaN or Inf
+    that the mask keeps propagates into S and dx, one it drops does not."""
+    spec = DropoutSpec(0.4, 77, 5)
+    m, k, r = 9, 29, 6
+    x = torch.randn(m, k, dtype=torch.float64).to(x_dtype)
+    keep = keep_mask(spec, m, k)
+    kept, dropped = keep.nonzero()[0].tolist(), (~keep).nonzero()[0].tolist()
+    x[kept[0], kept[1]] = float("nan")
+    x[dropped[0], dropped[1]] = float("inf")
+    dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    s = group_sum_dropped(x, r, dtype, spec, band_elements=40)
+    want = reference.group_sum(reference.dropped_input(x.to(torch.float64).nan_to_num(posinf=0.0), spec), r)
+    nan_group = kept[1] % r
+    assert s[kept[0], nan_group].isnan() and not s[dropped[0]].isinf().any()
+    s[kept[0], nan_group] = want[kept[0], nan_group] = 0.0
+    torch.testing.assert_close(s.to(torch.float64), want, rtol=1e-5, atol=1e-5)
+    t = torch.randn(m, r, dtype=dtype)
+    dx = spread_dropped(t, k, x_dtype, spec, band_elements=40)
+    want_dx = reference.dropped_input(t.to(torch.float64)[:, torch.arange(k) % r], spec).to(x_dtype)
+    assert dx.dtype == x_dtype and torch.equal(dx == 0, want_dx == 0)
+    torch.testing.assert_close(dx, want_dx)  # one rounding of t * scale (want: two)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bonekern.dropout import DropoutSpec, draw, keep_mask, keep_threshold
+from bonekern.dropout import DropoutSpec, band_key, draw, keep_mask, keep_threshold, mix32, mix32_scalar
 
 
 def _lowbias32(x: int) -> int:
@@ -42,6 +42,13 @@ def test_mask_matches_the_plain_integer_definition(seed, offset, m, k, p):
     assert mask.shape == (m, k) and mask.dtype == torch.bool
     expected = torch.tensor([[_keep(spec, i, j, k) for j in range(k)] for i in range(m)])
     assert torch.equal(mask, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.integers(0, 2**32 - 1), seed=st.integers(0, 2**32 - 1), high=st.integers(0, 2**31 - 1))
+def test_scalar_hash_and_band_key_match_the_plain_integer_definition(value, seed, high):
+    assert mix32_scalar(value) == _lowbias32(value) == int(mix32(torch.tensor(value, dtype=torch.int64)))
+    assert band_key(seed, high) == _lowbias32(seed ^ _lowbias32(high ^ 0x9E3779B9))
 
 
 def test_row_bands_equal_the_whole_mask():
