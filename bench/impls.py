@@ -7,8 +7,9 @@
 - ``linear``: the frozen base layer alone, ``F.linear(x, W, b)``: the floor every adapter adds to.
 
 A case with a quantised base (``case.quant``, the ``quant`` suite) builds one bitsandbytes layer from the case's
-weight (:func:`quantised_base`); bonekern runs :func:`bonekern.bat_linear_quantized` over it, PEFT its MiSS
-layer over the same layer.
+weight (:func:`quantised_base`); bonekern runs :func:`bonekern.bat_linear_quantized` over it for bat, the layer's
+own forward plus ``bonekern.adapter_output`` for bone / mini (what ``accelerate`` runs), PEFT its MiSS layer over
+the same layer.
 
 All share one weight and bias tensor (PEFT wraps the same ``nn.Linear``); the adapters start from the same block
 values, so bonekern's outputs and gradients can be checked against PEFT's. With dropout (``case.dropout > 0``,
@@ -180,27 +181,70 @@ def quantised_base(quant: str, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def _build_quantised(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
-    """bat over a quantised base: bonekern's sourced op (any bonekern impl name) or PEFT's MiSS layer."""
+    """bonekern (any bonekern impl name) or PEFT's MiSS layer over a quantised base. bonekern: bat through the
+    sourced op; bone / mini as ``accelerate`` serves them, the base layer's own forward plus
+    ``bonekern.adapter_output`` (with ``case.dropout`` while training)."""
     base = quantised_base(case.quant, t.weight, t.bias)
     frozen = [p for p in base.parameters()]
+    checkable = not case.dropout
     if impl in BONEKERN_IMPLS:
         block = t.block_init.clone().requires_grad_()
+        if spec.variant == "bat":
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return bonekern.bat_linear_quantized(x, base, block, base.bias)
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return bonekern.bat_linear_quantized(x, base, block, base.bias)
 
-        return Impl(impl, f"{impl} sourced", forward, [block], [*frozen, block], "bat", block.numel(), True, [base])
+            label = f"{impl} sourced"
+        else:
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                term = bonekern.adapter_output(
+                    x,
+                    block,
+                    variant=spec.variant,
+                    out_features=spec.out_features,
+                    mini_r=spec.mini_r,
+                    dropout_p=case.dropout,
+                    backend=impl,
+                )
+                return base(x) + term
+
+            label = f"{impl} base+term"
+        return Impl(
+            impl,
+            label,
+            forward,
+            [block],
+            [*frozen, block],
+            spec.variant,
+            block.numel(),
+            checkable=checkable,
+            keepalive=[base],
+        )
     if impl != "peft":
         raise ValueError(f"a quantised-base case runs bonekern impls and 'peft'; got {impl!r}")
     import peft
 
-    config = peft.MissConfig(r=spec.r, init_weights="bat", target_modules=["0"])
+    init = {"bone": True, "bat": "bat", "mini": "mini"}[spec.variant]
+    config = peft.MissConfig(
+        r=spec.r, init_weights=init, mini_r=spec.mini_r or spec.r, miss_dropout=case.dropout, target_modules=["0"]
+    )
     model = peft.get_peft_model(nn.Sequential(base), config)
     layer = model.base_model.model[0]
     block = layer.miss_block["default"]
     with torch.no_grad():
         block.copy_(t.block_init)
-    return Impl(impl, impl, layer, [block], [*frozen, block], "bat", block.numel(), True, [model])
+    return Impl(
+        impl,
+        impl,
+        layer,
+        [block],
+        [*frozen, block],
+        spec.variant,
+        block.numel(),
+        checkable=checkable,
+        keepalive=[model],
+    )
 
 
 def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:

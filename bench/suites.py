@@ -102,15 +102,17 @@ SUITES: dict[str, Suite] = {
     ),
     "quant": Suite(
         "quant",
-        "bat over quantised bases (bitsandbytes nf4 and int8): bonekern's sourced op (W' formed a chunk of rows "
-        "at a time from the packed weight) vs PEFT (dequantises W whole); TinyLlama-1.1B q_proj/o_proj 2048x2048 "
-        "and gate_proj/up_proj 5632x2048, 512 tokens, CPU fp32",
+        "bat and bone over quantised bases (bitsandbytes nf4 and int8): bat through bonekern's sourced op (W' "
+        "formed a chunk of rows at a time from the packed weight) vs PEFT (dequantises W whole); bone with "
+        "miss_dropout = 0.1 (the QLoRA-style recipe) as the base layer's forward + adapter_output vs PEFT; "
+        "TinyLlama-1.1B q_proj/o_proj 2048x2048 and gate_proj/up_proj 5632x2048, 512 tokens, CPU fp32",
         (_TINY["q_proj"], _TINY["gate_proj"]),
         tokens={"cpu": 512, "cuda": 8192},
         device="cpu",
         dtype=torch.float32,
-        variants=("bat",),
+        variants=("bat", "bone"),
         impls=("torch", "peft"),
+        dropout=0.1,
         quant=tuple(QUANT_BASES),
     ),
     "acceptance": Suite(
