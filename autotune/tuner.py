@@ -48,21 +48,24 @@ Compare = Callable[[object, object], "str | None"]
 
 
 def structurally_accepted(candidate: Candidate, current: Sequence[Candidate]) -> bool:
-    """True when some current candidate has the same backend, the same config keys and the same non-integer
-    values, and every integer value of ``candidate`` is a positive int.
+    """True when some current candidate has the same backend and config keys, and each value of ``candidate``
+    either equals that candidate's or is a positive int where that candidate has an int.
 
     Integer values (tile sizes, chunk counts) are allowed to differ: an entry from a neighbouring M bucket may
-    carry sizes the current candidate list does not enumerate. Strings (strategies) must be known.
+    carry sizes the current candidate list does not enumerate. Strings (strategies) must be known, and so must
+    a non-positive int (e.g. CuPy's ``threads_per_row = 0``, "one thread per row"): it is accepted only where a
+    current candidate carries exactly that value.
     """
     config = dict(candidate.config)
-    for value in config.values():
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            return False
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     for c in current:
         if c.backend != candidate.backend or set(c.config) != set(config):
             continue
         if all(
-            (isinstance(v, int) and not isinstance(v, bool) and isinstance(c.config[k], int)) or v == c.config[k]
+            (type(v) is type(c.config[k]) and v == c.config[k]) or (is_int(v) and v >= 1 and is_int(c.config[k]))
             for k, v in config.items()
         ):
             return True

@@ -106,6 +106,43 @@ def test_tuned_entry_is_reused_and_goes_stale_when_the_source_changes(env):
     assert len(CacheFile(env).table()) == 3
 
 
+def test_a_tuned_zero_valued_config_is_read_back(env):
+    """A config value of 0 that the candidate list carries (CuPy's ``threads_per_row = 0``) comes back from the
+    cache; before, every non-positive int was refused there, so such a winner was re-tuned in every process."""
+    timer = FakeTimer({0: 1.0, 1: 3.0, 2: 2.0})
+
+    def space() -> SearchSpace:  # the default is not the winner, so the winner must come from the cache
+        key = make_key()
+        return SearchSpace(
+            key, key.m, Candidate("toy", {"i": 2}), lambda: [Candidate("toy", {"i": i}) for i in (2, 1, 0)]
+        )
+
+    first = Tuner("attest", PREFIX, timer=timer).choose(space(), runner)
+    assert first.layer == "tuned" and first.candidate.config == {"i": 0}
+    timer.calls.clear()
+    again = Tuner("attest", PREFIX, timer=timer).choose(space(), runner)
+    assert again.layer == "user cache" and again.candidate.config == {"i": 0} and timer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("config", "accepted"),
+    [
+        ({"i": 0}, True),  # a value a current candidate carries
+        ({"i": 7}, True),  # a positive size the list does not enumerate (a neighbouring M bucket's)
+        ({"i": -1}, False),  # not positive and not carried
+        ({"i": True}, False),  # a bool is not the int 1
+        ({"i": "0"}, False),
+        ({"j": 0}, False),
+    ],
+)
+def test_structural_acceptance_of_stored_configs(config, accepted):
+    from autotune.tuner import structurally_accepted
+
+    current = [Candidate("toy", {"i": i}) for i in range(3)]
+    assert structurally_accepted(Candidate("toy", config), current) is accepted
+    assert not structurally_accepted(Candidate("other", config), current)
+
+
 DAMAGED = {
     "garbage": "{this is not json",
     "truncated": None,  # filled in from a real file below
