@@ -109,15 +109,27 @@ def _counter_base(count: int, device: torch.device) -> torch.Tensor:
     return base[:count]
 
 
-def keep_bits_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device) -> torch.Tensor:
+class MaskWorkspace:
+    """The two int32 band buffers :func:`keep_bits_band` computes in (counters and scratch), allocated once per
+    pass over x and reused by every band: a fresh 1 MiB tensor per band costs its page faults again on the CPU.
+    ``capacity`` is the largest band's element count (:func:`dropout_bands`)."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.counters = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.scratch = torch.empty(capacity, dtype=torch.int32, device=device)
+
+
+def keep_bits_band(
+    spec: DropoutSpec, k: int, rows: tuple[int, int], device: torch.device, work: MaskWorkspace | None = None
+) -> torch.Tensor:
     """The keep mask of rows ``rows = (start, stop)`` of an (M, K) input as int32 bit masks, (rows, K): -1 (all
     bits set) where :func:`bonekern.dropout.keep_mask` keeps the element, 0 where it drops it.
 
-    A bit mask, not a bool: ANDed with a tensor's bit pattern (:func:`_masked_bits`) it zeroes the dropped
-    elements in one pass, where ``torch.where`` or a bool multiply costs several times more on the CPU. Computed
-    with int32 arithmetic, in place on two band-sized tensors (the counters and one scratch). The counters of a
-    band share their upper 32 bits unless the band crosses a multiple of 2**32; then, rarely, the oracle itself
-    computes the band.
+    A bit mask, not a bool: ANDed with a tensor's bit pattern (:func:`_bits`) it zeroes the dropped elements in
+    one pass, where ``torch.where`` or a bool multiply costs several times more on the CPU. Computed with int32
+    arithmetic, in place on the two buffers of ``work`` (fresh ones when None); the result is a view of
+    ``work.scratch``, valid until the next call with the same workspace. The counters of a band share their upper
+    32 bits unless the band crosses a multiple of 2**32; then, rarely, the oracle itself computes the band.
     """
     i0, i1 = rows
     first = spec.offset + i0 * k
@@ -125,10 +137,11 @@ def keep_bits_band(spec: DropoutSpec, k: int, rows: tuple[int, int], device: tor
     if count == 0 or (first >> 32) != ((first + count - 1) >> 32):
         keep = keep_mask(spec, i1, k, device, rows=rows)
         return keep.to(torch.int32).neg_()
+    work = work if work is not None and work.counters.numel() >= count else MaskWorkspace(count, device)
     key = band_key(spec.seed, first >> 32)
-    u = torch.add(_counter_base(count, device), _signed32(first & MASK32))  # lo32(c); no lo32 wraps in a band
+    u, scratch = work.counters[:count], work.scratch[:count]
+    torch.add(_counter_base(count, device), _signed32(first & MASK32), out=u)  # lo32(c); no lo32 wraps in a band
     u ^= _signed32(key)
-    scratch = torch.empty_like(u)
     _mix32_int32_(u, scratch)
     # keep <=> (u >>> 8) >= threshold <=> the sign bit of (u >>> 8) - threshold is clear (no overflow: both
     # are below 2**24); an arithmetic shift by 31 spreads that bit, giving -1 for dropped, 0 for kept.
@@ -158,21 +171,31 @@ def _masked_bits(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return keep if keep.dtype == bits.dtype else keep.to(bits.dtype)
 
 
+def _band_capacity(bands: list[tuple[int, int]], k: int) -> int:
+    return max((i1 - i0) * k for i0, i1 in bands) if bands else 0
+
+
 def group_sum_dropped(
     x: torch.Tensor, r: int, dtype: torch.dtype, dropout: DropoutSpec, band_elements: int = DROPOUT_BAND_ELEMENTS
 ) -> torch.Tensor:
     """S (M, r) in ``dtype`` of ``x * keep / (1 - p)``: :func:`group_sum` of the dropped input, the mask generated
-    one row band at a time (never an M x K mask or dropped copy of x). Dropped elements are zeroed through their
-    bit pattern (a NaN there becomes 0, as with ``torch.where``; kept NaN and Inf propagate)."""
+    one row band at a time (never an M x K mask or dropped copy of x: one band-sized buffer, reused). Dropped
+    elements are zeroed through their bit pattern (a NaN there becomes 0, as with ``torch.where``; kept NaN and
+    Inf propagate)."""
     m, k = x.shape
     s = torch.empty(m, r, dtype=dtype, device=x.device)
-    for i0, i1 in dropout_bands(m, k, band_elements):
-        keep = keep_bits_band(dropout, k, (i0, i1), x.device)  # [band, K] int32 -1 / 0
-        values = x[i0:i1]
-        if values.dtype == dtype:  # AND into a new band tensor (never x itself)
-            band = torch.bitwise_and(_bits(values), _masked_bits(_bits(values), keep)).view(dtype)  # [band, K]
-        else:  # the cast is the new tensor; AND in place
-            band = values.to(dtype)  # [band, K]
+    bands = dropout_bands(m, k, band_elements)
+    capacity = _band_capacity(bands, k)
+    work = MaskWorkspace(capacity, x.device)
+    buffer = torch.empty(capacity, dtype=dtype, device=x.device)  # the dropped band, [band * K]
+    for i0, i1 in bands:
+        keep = keep_bits_band(dropout, k, (i0, i1), x.device, work)  # [band, K] int32 -1 / 0
+        band = buffer[: (i1 - i0) * k].view(i1 - i0, k)  # [band, K]
+        values = x[i0:i1]  # x itself is never written
+        if values.dtype == dtype:
+            torch.bitwise_and(_bits(values), _masked_bits(_bits(band), keep), out=_bits(band))
+        else:  # cast on the copy, then mask in place
+            band.copy_(values)
             _bits(band).bitwise_and_(_masked_bits(_bits(band), keep))
         s[i0:i1] = group_sum(band, r, dtype)
     return s.mul_(dropout.scale)  # the 1 / (1 - p) scale applied to S (M x r), not to every element
@@ -197,8 +220,10 @@ def spread_dropped(
     ts_bits = _bits((t * dropout.scale).to(out_dtype))
     dx_bits = _bits(dx)
     full = k // r
-    for i0, i1 in dropout_bands(m, k, band_elements):
-        keep = _masked_bits(dx_bits, keep_bits_band(dropout, k, (i0, i1), t.device))  # [band, K]
+    bands = dropout_bands(m, k, band_elements)
+    work = MaskWorkspace(_band_capacity(bands, k), t.device)
+    for i0, i1 in bands:
+        keep = _masked_bits(dx_bits, keep_bits_band(dropout, k, (i0, i1), t.device, work))  # [band, K]
         rows = i1 - i0
         if full:  # [band, full, r] = [band, 1, r] & [band, full, r]: broadcast, no repeated copy of t
             torch.bitwise_and(
