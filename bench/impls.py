@@ -180,49 +180,29 @@ def quantised_base(quant: str, weight: torch.Tensor, bias: torch.Tensor | None) 
     return layer.to(weight.device)  # quantises
 
 
-def _build_quantised(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
-    """bonekern (any bonekern impl name) or PEFT's MiSS layer over a quantised base. bonekern: bat through the
-    sourced op; bone / mini as ``accelerate`` serves them, the base layer's own forward plus
+def _base_plus_term(
+    base: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor, case: Case, spec: AdapterSpec, impl: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What ``accelerate`` runs for bone / mini over a base it does not fuse with: ``base(x)`` plus
     ``bonekern.adapter_output`` (with ``case.dropout`` while training)."""
-    base = quantised_base(case.quant, t.weight, t.bias)
-    frozen = [p for p in base.parameters()]
-    checkable = not case.dropout
-    if impl in BONEKERN_IMPLS:
-        block = t.block_init.clone().requires_grad_()
-        if spec.variant == "bat":
 
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                return bonekern.bat_linear_quantized(x, base, block, base.bias)
-
-            label = f"{impl} sourced"
-        else:
-
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                term = bonekern.adapter_output(
-                    x,
-                    block,
-                    variant=spec.variant,
-                    out_features=spec.out_features,
-                    mini_r=spec.mini_r,
-                    dropout_p=case.dropout,
-                    backend=impl,
-                )
-                return base(x) + term
-
-            label = f"{impl} base+term"
-        return Impl(
-            impl,
-            label,
-            forward,
-            [block],
-            [*frozen, block],
-            spec.variant,
-            block.numel(),
-            checkable=checkable,
-            keepalive=[base],
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        term = bonekern.adapter_output(
+            x,
+            block,
+            variant=spec.variant,
+            out_features=spec.out_features,
+            mini_r=spec.mini_r,
+            dropout_p=case.dropout,
+            backend=impl,
         )
-    if impl != "peft":
-        raise ValueError(f"a quantised-base case runs bonekern impls and 'peft'; got {impl!r}")
+        return base(x) + term
+
+    return forward
+
+
+def _peft_miss(impl: str, base: nn.Module, case: Case, spec: AdapterSpec, t: CaseTensors, frozen: list) -> Impl:
+    """PEFT's MiSS layer over ``base`` (the variant's ``init_weights``, ``case.dropout``), block from ``t``."""
     import peft
 
     init = {"bone": True, "bat": "bat", "mini": "mini"}[spec.variant]
@@ -242,8 +222,40 @@ def _build_quantised(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -
         [*frozen, block],
         spec.variant,
         block.numel(),
-        checkable=checkable,
-        keepalive=[model],
+        checkable=not case.dropout,
+        keepalive=[model],  # by keyword: the positional slot after trainable_params is lora_rank
+    )
+
+
+def _build_quantised(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
+    """bonekern (any bonekern impl name) or PEFT's MiSS layer over a quantised base. bonekern: bat through the
+    sourced op; bone / mini as ``accelerate`` serves them (:func:`_base_plus_term`)."""
+    base = quantised_base(case.quant, t.weight, t.bias)
+    frozen = [p for p in base.parameters()]
+    if impl == "peft":
+        return _peft_miss(impl, base, case, spec, t, frozen)
+    if impl not in BONEKERN_IMPLS:
+        raise ValueError(f"a quantised-base case runs bonekern impls and 'peft'; got {impl!r}")
+    block = t.block_init.clone().requires_grad_()
+    if spec.variant == "bat":
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return bonekern.bat_linear_quantized(x, base, block, base.bias)
+
+        label = f"{impl} sourced"
+    else:
+        forward, label = _base_plus_term(base, block, case, spec, impl), f"{impl} base+term"
+    parameters = [*frozen, block]
+    return Impl(
+        impl,
+        label,
+        forward,
+        [block],
+        parameters,
+        spec.variant,
+        block.numel(),
+        checkable=not case.dropout,
+        keepalive=[base],
     )
 
 
@@ -254,21 +266,8 @@ def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
     frozen = [t.weight] + ([t.bias] if t.bias is not None else [])
     if impl in BONEKERN_IMPLS:
         block = t.block_init.clone().requires_grad_()
-
         if case.dropout:
-
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                term = bonekern.adapter_output(
-                    x,
-                    block,
-                    variant=spec.variant,
-                    out_features=spec.out_features,
-                    mini_r=spec.mini_r,
-                    dropout_p=case.dropout,
-                    backend=impl,
-                )
-                return F.linear(x, t.weight, t.bias) + term
-
+            forward = _base_plus_term(lambda x: F.linear(x, t.weight, t.bias), block, case, spec, impl)
         else:
 
             def forward(x: torch.Tensor) -> torch.Tensor:
@@ -280,34 +279,10 @@ def build(impl: str, case: Case, spec: AdapterSpec, t: CaseTensors) -> Impl:
         return Impl(impl, impl, forward, [block], [*frozen, block], spec.variant, block.numel(), checkable=checkable)
     if impl == "linear":
         return Impl(impl, impl, lambda x: F.linear(x, t.weight, t.bias), [], frozen, "linear", 0)
+    if impl == "peft":
+        return _peft_miss(impl, t.base_linear(), case, spec, t, frozen)
     import peft
 
-    if impl == "peft":
-        init = {"bone": True, "bat": "bat", "mini": "mini"}[spec.variant]
-        config = peft.MissConfig(
-            r=spec.r,
-            init_weights=init,
-            mini_r=spec.mini_r or spec.r,
-            miss_dropout=case.dropout,
-            target_modules=["0"],
-        )
-        model = peft.get_peft_model(nn.Sequential(t.base_linear()), config)
-        layer = model.base_model.model[0]
-        block = layer.miss_block["default"]
-        with torch.no_grad():
-            block.copy_(t.block_init)
-        checkable = not case.dropout
-        return Impl(
-            impl,
-            impl,
-            layer,
-            [block],
-            [*frozen, block],
-            spec.variant,
-            block.numel(),
-            checkable=checkable,
-            keepalive=[model],  # by keyword: the positional slot after trainable_params is lora_rank
-        )
     if impl == "lora":
         q = lora_rank_for(spec)
         config = peft.LoraConfig(r=q, lora_alpha=q, lora_dropout=0.0, target_modules=["0"])
