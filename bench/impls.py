@@ -187,7 +187,8 @@ def _base_plus_term(
     ``bonekern.adapter_output`` (with ``case.dropout`` while training)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        term = bonekern.adapter_output(
+        y = base(x)  # first, as accelerate does: a quantised base's dequantised W is freed before the term exists
+        return y + bonekern.adapter_output(
             x,
             block,
             variant=spec.variant,
@@ -196,7 +197,6 @@ def _base_plus_term(
             dropout_p=case.dropout,
             backend=impl,
         )
-        return base(x) + term
 
     return forward
 
