@@ -1372,7 +1372,7 @@ CHECKED_SPECIALISATIONS: tuple[tuple[str, torch.dtype, int, str, dict], ...] = (
         "m64n32k32w4s2",
         dict(bias=False, form_precision="ieee", tf32=True, variant="nobias.form_ieee.tf32"),
     ),
-    ("bat_fwd_fused", _f32, 3, "m64n32k32w4s2", dict(form_precision="tf32x3", tf32=True, variant="form_tf32x3.tf32")),
+    ("bat_fwd_fused", _f32, 3, "m64n16k32w8s2", dict(form_precision="tf32x3", tf32=True, variant="form_tf32x3.tf32")),
     ("bat_dx_fused", _f16, 1, "m64n32k32w4s2", {}),
     ("bat_fwd_gemm", _f16, 1, "m64n64k64w4s2", dict(int64=True, variant="int64")),
     ("bat_dx_gemm", _f64, 1, "m64n32k32w4s2", dict(int64=True, variant="int64")),

@@ -19,6 +19,7 @@ Families (the keys of the tables):
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import re
 from dataclasses import dataclass
 
@@ -115,6 +116,24 @@ def dtype_family(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
+def triton_version(text: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``text`` or of the installed Triton, read from the package metadata (importing triton is
+    not needed); (999, 0) when Triton is not installed (then no table entry is ever launched)."""
+    if text is None:
+        try:
+            text = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            return (999, 0)
+    match = re.match(r"(\d+)\.(\d+)", text)
+    if match is None:
+        raise ValueError(f"triton version: expected 'major.minor[...]'; got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+TRITON_VERSION: tuple[int, int] = triton_version()
+"""The installed Triton's (major, minor). The tables below differ by Triton version only where a release cannot
+compile a shipped config; each such difference is written next to the entry it changes."""
+
 # ----------------------------------------------------------------------------------------------------------
 # bone / mini (bone.py)
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +145,17 @@ _ALL = BONE_FORWARD_STRATEGIES
 _TWO_PASS = ("two_pass",)
 
 
+def sm90_half_strategies(version: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """The forward strategies the Hopper (and datacenter Blackwell) half-precision tile sets offer under Triton
+    ``version`` (default: the installed one): all three from 3.7; without "chunk" before it. Triton 3.6's
+    software pipeliner cannot compile "chunk" on sm_90 with any num_stages > 1 ("operand #0 does not dominate
+    this use" in TritonGPUPipeline): the S @ D ``tl.dot`` after the inner loop over groups consumes the
+    accumulator of that loop's pipelined wgmma ``tl.dot`` (a second accumulator would take the 244-register
+    kernels past 255). Under 3.6, r = 128 (the r that chose "chunk") runs "two_pass" by default, r <= 64 "group"
+    as on 3.7."""
+    return _ALL if (version or TRITON_VERSION) >= (3, 7) else ("group", "two_pass")
+
+
 def _offer(strategies: tuple[str, ...], *names: str) -> tuple[tuple[Tile, tuple[str, ...]], ...]:
     """(tile, the forward strategies offered on it) for each tile name."""
     return tuple((tile, strategies) for tile in tiles(*names))
@@ -134,7 +164,7 @@ def _offer(strategies: tuple[str, ...], *names: str) -> tuple[tuple[Tile, tuple[
 BONE_GEMM: dict[tuple[str, str], tuple[tuple[Tile, tuple[str, ...]], ...]] = {
     # Hopper, half precision: 8 warps = two warpgroups on a 128 x 128 wgmma tile, 64-wide K steps; the 64-row
     # sets give small problems (few tokens) more programs.
-    ("sm90", "half"): _offer(_ALL, "m128n128k64w8s3", "m64n128k64w4s4", "m64n64k64w4s3"),
+    ("sm90", "half"): _offer(sm90_half_strategies(), "m128n128k64w8s3", "m64n128k64w4s4", "m64n64k64w4s3"),
     # Ampere, half precision: mma.sync keeps operands and accumulator in registers; 32-wide K steps keep the fused
     # S sums and the chunk strategy's (block_m, block_k) fp32 accumulator spill-free.
     ("sm80", "half"): _offer(_ALL, "m128n128k32w8s4", "m64n128k32w4s4", "m128n64k32w4s4"),
@@ -288,7 +318,8 @@ BAT_FP32: dict[str, BatTiles] = {
     # fp32 operands take twice the registers and shared memory, and the default formation precision "tf32x3"
     # (torch's allow_tf32 is False by default) three times the formation product's: smaller tiles.
     "small": _bat(("m64n16k32w8s2",), ("m64n16k32w8s2",), "n32k32w4s1", "m64n32k32w8s2"),
-    "r16": _bat(("m64n32k32w4s3",), ("m64n32k32w4s3",), "n32k64w4s1", "m64n64k32w4s3"),
+    # dB with 2 stages: with 3 (m64n64k32w4s3), Triton 3.6 spills 8 B on sm_90 (3.7 does not).
+    "r16": _bat(("m64n32k32w4s3",), ("m64n32k32w4s3",), "n32k64w4s1", "m64n64k32w4s2"),
     # 8 warps: with 4, the (R, BK) and (BN, BK) B tiles the r = 32 forward keeps in registers spill.
     "r32": _bat(("m64n32k32w8s3",), ("m64n32k32w8s3",), "n32k32w4s1", "m64n32k32w4s3"),
     "r64": _bat(("m64n32k32w4s3",), ("m64n32k32w4s3",), "n32k64w4s1", "m64n64k32w4s3"),
