@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,37 @@ def forward_only_error(backend_name: str) -> ValueError:
         f"{backend_name} does not support dequantization. Use a different "
         "quantization backend or a different MiSS initialization method."
     )
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """The tensors a kernel reads to dequantise tiles of W (N, K) itself, never writing a dequantised W
+    (:mod:`bonekern.backends.triton.bat_packed`). ``W[n, k]`` in float32 is:
+
+    - ``"code4"`` (bitsandbytes nf4 / fp4): with f = n * K + k, the 4-bit code ``data[f // 2] >> 4`` for even f,
+      ``data[f // 2] & 15`` for odd f; ``code[q] * scale[f // blocksize]`` (scale: the absmax, de-nested).
+    - ``"int8"`` (bitsandbytes LLM.int8 weights): ``data[n, k] * scale[n] * INT8_INV_127`` (scale: SCB), in that
+      order, as ``bitsandbytes.functional.int8_vectorwise_dequant`` computes it.
+
+    Attributes:
+        format: "code4" or "int8".
+        shape: (N, K).
+        data: "code4": uint8 (N * K / 2,); "int8": int8 (N, K) contiguous.
+        scale: float32; "code4": (N * K / blocksize,); "int8": (N,).
+        code: "code4": the 16 float32 code values; None for "int8".
+        blocksize: "code4": elements per absmax (K % blocksize == 0, so rows hold whole blocks); 0 for "int8".
+    """
+
+    format: str
+    shape: tuple[int, int]
+    data: Tensor
+    scale: Tensor
+    code: Tensor | None = None
+    blocksize: int = 0
+
+
+INT8_INV_127 = 7.874015718698502e-3
+"""1 / 127 as bitsandbytes' int8 dequantisation writes it (its float32 rounding is what every backend uses)."""
 
 
 class WeightSource(ABC):
@@ -96,6 +128,10 @@ class WeightSource(ABC):
                 f"{self.kind}; got start = {start}, stop = {stop}"
             )
         return self._rows(start, stop).to(dtype).contiguous()
+
+    def packed_weight(self) -> PackedWeight | None:
+        """The packed tensors a kernel can dequantise in-tile, or None (this library or layout has no such path)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, shape={self.shape}, dtype={self.dtype})"
@@ -172,6 +208,12 @@ class Bnb4bitSource(WeightSource):
         )
         return self._bnbf.dequantize_4bit(self.packed[start * k // 2 : stop * k // 2].view(-1, 1), part)
 
+    def packed_weight(self) -> PackedWeight | None:
+        if self.whole:  # the block layout is not the flat one (module docstring)
+            return None
+        code = self.state.code.to(device=self.device, dtype=torch.float32)
+        return PackedWeight("code4", self.shape, self.packed, self.absmax, code, self.blocksize)
+
 
 class Bnb8bitSource(WeightSource):
     """bitsandbytes ``Linear8bitLt``: int8 rows (N, K) times their row scale ``SCB / 127``."""
@@ -196,6 +238,9 @@ class Bnb8bitSource(WeightSource):
 
     def _rows(self, start: int, stop: int) -> Tensor:
         return self._bnbf.int8_vectorwise_dequant(self.qdata[start:stop], self.scb[start:stop])
+
+    def packed_weight(self) -> PackedWeight | None:
+        return PackedWeight("int8", self.shape, self.qdata.contiguous(), self.scb.float())
 
 
 class TorchaoSource(WeightSource):

@@ -122,8 +122,8 @@ def _problem(layer, n, k, r, m, seed=3):
     return x.requires_grad_(), block, bias
 
 
-def _check_vs_reference(base, w_deq, x, block, bias, chunk_blocks):
-    y = bonekern.bat_linear_quantized(x, base, block, bias, chunk_blocks=chunk_blocks)
+def _check_vs_reference(base, w_deq, x, block, bias, chunk_blocks, strategy="auto"):
+    y = bonekern.bat_linear_quantized(x, base, block, bias, chunk_blocks=chunk_blocks, strategy=strategy)
     dy = torch.randn_like(y)
     dx, dblock, dbias = torch.autograd.grad(y, (x, block, bias), dy)
     w64 = w_deq.to(torch.float64)

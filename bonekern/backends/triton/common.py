@@ -189,6 +189,8 @@ TRITON_TYPE_NAMES = {
     "torch.bfloat16": "bf16",
     "torch.float32": "fp32",
     "torch.float64": "fp64",
+    "torch.int8": "i8",
+    "torch.uint8": "u8",
 }
 """torch dtype (as ``str(dtype)``) -> Triton's short name, used in AOT signatures ("*bf16") and baseline keys."""
 

@@ -48,7 +48,7 @@ from autotune.argtypes import run_guarded, up_to_cpus
 
 from .common import AotCase
 
-KERNEL_MODULES: tuple[str, ...] = ("bone", "bat", "adapter")
+KERNEL_MODULES: tuple[str, ...] = ("bone", "bat", "adapter", "bat_packed")
 """Modules of this package whose ``aot_cases()`` are compiled (each returns a list of AotCase)."""
 
 ARCHS: dict[str, int] = {"sm80": 80, "sm90": 90, "sm100": 100}

@@ -348,6 +348,15 @@ BAT_GEMM: dict[tuple[str, str], Tile] = {
 """Per (architecture family, dtype family): the plain Triton GEMM after a W' build (gemm "triton"), for every r."""
 
 
+BAT_PACKED: dict[str, Tile] = {
+    "build": Tile.parse("w4s1"),
+    "dblock": Tile.parse("w4s1"),
+}
+"""Warps and stages of bat's packed-weight kernels (bat_packed.py), whose tile is one r x r block (padded to a power
+of two >= 16): the W'_c build (one block a program, nothing to pipeline) and the dB products (a loop over K / r
+blocks). Not tuned: next to the chunk's two cuBLAS GEMMs each is a few percent of the work."""
+
+
 def bat_padded_r(r: int) -> int:
     """R: block size ``r`` rounded up to a power of two, the lanes one r-block takes in a bat tile."""
     return 1 << (r - 1).bit_length()
