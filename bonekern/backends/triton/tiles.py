@@ -149,10 +149,11 @@ def sm90_half_strategies(version: tuple[int, int] | None = None) -> tuple[str, .
     """The forward strategies the Hopper (and datacenter Blackwell) half-precision tile sets offer under Triton
     ``version`` (default: the installed one): all three from 3.7; without "chunk" before it. Triton 3.6's
     software pipeliner cannot compile "chunk" on sm_90 with any num_stages > 1 ("operand #0 does not dominate
-    this use" in TritonGPUPipeline): the S @ D ``tl.dot`` after the inner loop over groups consumes the
-    accumulator of that loop's pipelined wgmma ``tl.dot`` (a second accumulator would take the 244-register
-    kernels past 255). Under 3.6, r = 128 (the r that chose "chunk") runs "two_pass" by default, r <= 64 "group"
-    as on 3.7."""
+    this use" in TritonGPUPipeline): the fp32 S @ D wgmma after the inner loop over groups (instruction shape
+    k = 8) and that loop's half-precision x @ W^T wgmma (k = 16) share one accumulator, so the inner loop carries it
+    in the S @ D layout with a layout conversion around the pipelined dot, which 3.6 cannot pipeline. The kernel
+    changes that avoid the conversion spill or reach 255 registers (docs/testing-without-gpu.md, section 7). Under
+    3.6, r = 128 (the r that chose "chunk") runs "two_pass" by default, r <= 64 "group" as on 3.7."""
     return _ALL if (version or TRITON_VERSION) >= (3, 7) else ("group", "two_pass")
 
 
